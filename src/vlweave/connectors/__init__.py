@@ -1,0 +1,22 @@
+"""Connectors: one module per family; importing this package registers the built-ins."""
+
+from vlweave.connectors import mlp  # noqa: F401  (registers identity, linear, mlpNx_gelu)
+from vlweave.connectors.base import (
+    Connector,
+    ConnectorContext,
+    ConnectorOutput,
+    ConnectorSpec,
+    build_connector,
+    known_connectors,
+    register,
+)
+
+__all__ = [
+    "Connector",
+    "ConnectorContext",
+    "ConnectorOutput",
+    "ConnectorSpec",
+    "build_connector",
+    "known_connectors",
+    "register",
+]

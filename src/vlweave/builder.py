@@ -1,0 +1,115 @@
+"""Build a model + tokenizer from a run config, and load/save HF-format checkpoints.
+
+Pretrained parts come through ``from_pretrained`` on a local folder (an offline asset) or a hub id; tests build
+tiny random parts from configs (``random_init``).  The ``<image>`` token is added to the tokenizer and the LM's
+embeddings are resized to fit it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
+
+from vlweave import assets
+from vlweave.config import LanguageConfig, RunConfig, VisionConfig
+from vlweave.modeling import VlweaveConfig, VlweaveForConditionalGeneration
+from vlweave.processing import add_image_token
+from vlweave.vision.towers import build_vision_model, load_vision_model, vision_sub_config
+
+# Normalisation constants by tower family, used when the tower folder has no preprocessor_config.json.
+_CLIP_MEAN, _CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+_IMAGENET_MEAN, _IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+_FAMILY_STATS = {
+    "clip_vision_model": (_CLIP_MEAN, _CLIP_STD),
+    "siglip_vision_model": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+    "siglip2_vision_model": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+}
+
+
+def _auto_config(name: str, random_init: bool, overrides: dict) -> PreTrainedConfig:
+    """A config from a folder/hub id, or (random_init with an unknown name) ``AutoConfig.for_model(name)``."""
+    resolved = assets.resolve(name)
+    if random_init and not Path(resolved).exists() and "/" not in name:
+        return AutoConfig.for_model(name, **overrides)
+    cfg = AutoConfig.from_pretrained(resolved)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def image_stats(vision: VisionConfig, vcfg: PreTrainedConfig) -> tuple[list[float], list[float]]:
+    folder = Path(assets.resolve(vision.name))
+    pp = folder / "preprocessor_config.json"
+    if pp.exists():
+        data = json.loads(pp.read_text())
+        if "image_mean" in data and "image_std" in data:
+            return list(data["image_mean"]), list(data["image_std"])
+    return _FAMILY_STATS.get(getattr(vcfg, "model_type", ""), (_IMAGENET_MEAN, _IMAGENET_STD))
+
+
+def load_tokenizer(language: LanguageConfig) -> PreTrainedTokenizerBase:
+    path = assets.resolve(language.tokenizer or language.name)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def build_model(cfg: RunConfig) -> tuple[VlweaveForConditionalGeneration, PreTrainedTokenizerBase]:
+    """Assemble tower + connector + LM as the run config says; returns the model and its tokenizer."""
+    vision, language = cfg.vision, cfg.language
+    vcfg = vision_sub_config(_auto_config(vision.name, vision.random_init, vision.config_overrides))
+    tcfg = _auto_config(language.name, language.random_init, language.config_overrides)
+    tower = build_vision_model(vcfg) if vision.random_init else load_vision_model(vision.name)
+    if language.random_init:
+        lm = AutoModelForCausalLM.from_config(tcfg)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(assets.resolve(language.name), dtype=torch.float32)
+    tokenizer = load_tokenizer(language)
+    image_token_id = add_image_token(tokenizer)
+    if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
+        # A multiple of 64 keeps the (tied) output matmul on friendly shapes.
+        lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
+    mean, std = image_stats(vision, vcfg)
+    config = VlweaveConfig(
+        vision_config=tower.config,
+        text_config=lm.config,
+        connector_type=cfg.connector.type,
+        connector_options=dict(cfg.connector.options),
+        image_token_id=image_token_id,
+        image_size=vision.image_size,
+        vision_feature_layer=vision.select_layer,
+        vision_feature_select_strategy=vision.select_strategy,
+        image_mean=mean,
+        image_std=std,
+        image_aspect=vision.aspect,
+        chat_template_name=language.template,
+        system_prompt=language.system_prompt,
+        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+    )
+    torch.manual_seed(cfg.train.seed)  # connector init is part of the seeded run
+    model = VlweaveForConditionalGeneration(config, vision_tower=tower, language_model=lm)
+    model.vision_tower.requires_grad_(False)
+    return model, tokenizer
+
+
+def save_checkpoint(model: VlweaveForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a saved vlweave checkpoint (model + tokenizer) from a folder; dispatches on ``config.json``, not the path."""
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder}: not a checkpoint folder (no config.json)")
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type != "vlweave":
+        raise ValueError(f"{folder}: config.json has model_type {model_type!r}, expected 'vlweave'")
+    model = VlweaveForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,162 @@
+"""``vlweave demo | train | eval | chat | assets`` — the command line.
+
+Errors a user can fix (bad config, bad data record, missing file) are printed as one clear line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vlweave import __version__
+
+
+def _cmd_assets(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from vlweave import assets
+
+    if args.action == "list":
+        table = Table(title=f"offline assets (cache: {assets.cache_dir()})")
+        for col in ("name", "kind", "prepared", "package", "description"):
+            table.add_column(col)
+        for a in assets.list_assets():
+            table.add_row(a["name"], a["kind"], "yes" if a["prepared"] else "no", a["package"], a["description"])
+        Console().print(table)
+        return 0
+    names = args.names or list(assets.ASSETS)
+    for name in names:
+        print(f"{name}: {assets.pull(name, force=args.force)}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from vlweave.demo import run_demo
+
+    run_demo(args.set, output_dir=args.output)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from vlweave.config import RunConfig
+    from vlweave.presets import preset_path
+    from vlweave.train.trainer import Trainer
+
+    overrides = list(args.set)
+    if args.output:
+        overrides.append(f"train.output_dir={args.output}")
+    if args.resume:
+        # A resumed run uses the configuration it was started with.
+        cfg = RunConfig.load(Path(args.resume) / "config.yaml", overrides) if (Path(args.resume) / "config.yaml").exists() \
+            else RunConfig.load(preset_path(args.config), overrides)
+    else:
+        cfg = RunConfig.load(preset_path(args.config), overrides)
+    trainer = Trainer(cfg)
+    summary = trainer.train(resume=args.resume)
+    print(json.dumps({"run_dir": str(trainer.run_dir), "final": str(trainer.run_dir / "final"), **summary}, indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vlweave.builder import load_checkpoint
+    from vlweave.eval.runner import evaluate, load_eval_questions
+
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    questions = load_eval_questions(args.data, args.image_folder, args.limit, args.subset_seed)
+    out_dir = args.output or str(Path(args.checkpoint) / "eval")
+    report = evaluate(model, tokenizer, questions, out_dir=out_dir, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, prompt_suffix=args.prompt_suffix, bf16=args.bf16)
+    report.pop("answers")
+    print(json.dumps(report, indent=2))
+    print(f"predictions: {Path(out_dir) / 'predictions.jsonl'}", file=sys.stderr)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from vlweave.serve.chat import ChatSession
+    from vlweave.builder import load_checkpoint
+
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    session = ChatSession(model, tokenizer, image=args.image, max_new_tokens=args.max_new_tokens)
+    if args.prompt is not None:
+        print(session.ask(args.prompt))
+        return 0
+    print("vlweave chat — empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        print("assistant>", session.ask(text))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlweave", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"vlweave {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("assets", help="list or prepare the offline assets")
+    a.add_argument("action", choices=["list", "pull"])
+    a.add_argument("names", nargs="*")
+    a.add_argument("--force", action="store_true", help="rebuild even if cached")
+    a.set_defaults(func=_cmd_assets)
+
+    d = sub.add_parser("demo", help="train + evaluate the embedded default (DINOv2-S + SmolLM2) on easy-vqa")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    d.add_argument("--output", help="run folder (default: train.output_dir of the demo preset)")
+    d.set_defaults(func=_cmd_demo)
+
+    t = sub.add_parser("train", help="train from a YAML config or preset name")
+    t.add_argument("config")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--output", help="run folder (overrides train.output_dir)")
+    t.add_argument("--resume", help="run folder or checkpoint to continue exactly")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="greedy VQA evaluation of a checkpoint on a question file")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", required=True, help="question JSONL ({question_id, image, text, answer}) or asset:file")
+    e.add_argument("--image-folder")
+    e.add_argument("--limit", type=int)
+    e.add_argument("--subset-seed", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-new-tokens", type=int, default=16)
+    e.add_argument("--prompt-suffix", default="")
+    e.add_argument("--bf16", action="store_true")
+    e.add_argument("--output", help="folder for predictions.jsonl and eval_metrics.json")
+    e.set_defaults(func=_cmd_eval)
+
+    c = sub.add_parser("chat", help="chat about an image (interactive without --prompt)")
+    c.add_argument("checkpoint")
+    c.add_argument("--image")
+    c.add_argument("--prompt")
+    c.add_argument("--max-new-tokens", type=int, default=128)
+    c.set_defaults(func=_cmd_chat)
+    return p
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, KeyError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:  # config/data/user mistakes: one clear line (set VLWEAVE_DEBUG=1 for the traceback)
+        import os
+
+        if os.environ.get("VLWEAVE_DEBUG"):
+            raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"vlweave {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

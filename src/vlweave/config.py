@@ -1,0 +1,276 @@
+"""Typed run configuration: dataclasses with YAML in/out and ``--set key=value`` overrides.
+
+A run config describes *what to build* (vision, connector, language), *what to train on* (data), *how*
+(train stages) and *how to evaluate* (eval).  It is deliberately separate from the HF ``VlweaveConfig``
+(``modeling.py``), which describes only a built model and travels with its checkpoints; every run saves its
+resolved run config beside its checkpoints so that a result can always be traced to the exact settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied; the message names the key and the problem."""
+
+
+@dataclass
+class VisionConfig:
+    """The (frozen) vision tower and which of its hidden states the connector sees."""
+
+    name: str = "dinov2-small"  # asset name, hub id or local folder of an HF vision model
+    image_size: int | None = None  # None: the tower's own size
+    select_layer: int | list[int] = -2  # HF llava `vision_feature_layer` semantics (index into hidden_states)
+    select_strategy: str = "default"  # "default": drop CLS/prefix tokens; "full": keep them
+    aspect: str = "pad"  # image transform: "pad" (LLaVA-1.5 stage 2) or "square"
+    random_init: bool = False  # build from config only (tests, or towers whose weights are not available offline)
+    config_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. tiny test towers
+
+
+@dataclass
+class ConnectorConfig:
+    """Connector type (registry key) and its options; see ``vlweave.connectors``."""
+
+    type: str = "mlp2x_gelu"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LanguageConfig:
+    """The causal LM, its chat template and sequence budget."""
+
+    name: str = "smollm2-135m-instruct"
+    tokenizer: str | None = None  # None: the LM's own folder
+    template: str = "tokenizer"  # "plain" | "vicuna_v1" | "tokenizer" (the tokenizer's own Jinja template)
+    system_prompt: str | None = None  # None: the template's default; "": no system message at all
+    max_length: int = 2048
+    random_init: bool = False
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Training data in LLaVA JSON/JSONL form."""
+
+    train: str = ""  # path; may start with an asset name, e.g. "easy-vqa:train.json"
+    image_folder: str | None = None  # default: the data file's folder
+    align: str | None = None  # separate data for the `align` stage (None: use `train`)
+    max_samples: int | None = None
+    pad_to_multiple_of: int | None = 16  # fixed shapes matter for bf16 speed on CPU
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # Regex over module names: restrict LoRA to the LM (Dinov2 in transformers 5 uses the same q/k/v/o names).
+    target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclass
+class StageConfig:
+    """One training stage. ``tune`` maps component -> policy (``frozen | full | lora``)."""
+
+    name: str = "finetune"
+    tune: dict[str, str] = field(default_factory=lambda: {"vision": "frozen", "connector": "full", "language": "lora"})
+    template: str | None = None  # None: language.template (LLaVA's align stage uses "plain")
+    data: str | None = None  # None: data.train (or data.align for the align stage)
+    epochs: float = 1.0
+    max_steps: int | None = None  # caps epochs when set
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-5
+    connector_lr: float | None = None  # separate lr for the connector (LLaVA LoRA recipe: mm_projector_lr)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    stages: list[StageConfig] = field(
+        default_factory=lambda: [
+            StageConfig(name="align", tune={"vision": "frozen", "connector": "full", "language": "frozen"}, lr=1e-3),
+            StageConfig(name="finetune"),
+        ]
+    )
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    seed: int = 0
+    bf16: bool = True  # autocast where the hardware supports it
+    cache_features: bool = True  # frozen-feature cache: a frozen tower runs once per image
+    save_every: int = 0  # steps; 0 = only at stage ends
+    log_every: int = 10
+    output_dir: str = "runs/default"
+
+
+@dataclass
+class EvalConfig:
+    data: str = ""  # question JSONL ({question_id, image, text, answer}); may start with an asset name
+    image_folder: str | None = None
+    limit: int | None = None  # evaluate N questions: the first N, or a seeded sample of N (subset_seed)
+    subset_seed: int | None = 0  # fixed across runs/seeds so every model answers the same questions
+    batch_size: int = 32
+    max_new_tokens: int = 8
+    prompt_suffix: str = ""  # e.g. "\nAnswer the question using a single word or phrase."
+
+
+@dataclass
+class RunConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # ---- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "<dict>") -> "RunConfig":
+        return _build(cls, data, source, prefix="")
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> "RunConfig":
+        """Load YAML (``base: other.yaml`` inherits, paths relative to the file), then apply overrides."""
+        data = _load_yaml_with_base(Path(path))
+        for item in overrides or []:
+            _apply_override(data, item)
+        return cls.from_dict(data, source=str(path))
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+
+
+def _load_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: circular `base:` chain")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base:
+        parent = _load_yaml_with_base((path.parent / base), seen + (path.resolve(),))
+        data = _deep_merge(parent, data)
+    return data
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("options", "tune"):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    """``a.b.c=value``; the value is parsed as YAML (numbers, lists, null); ``train.stages.1.lr=1e-4`` indexes lists."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, key)]
+            continue
+        if part not in node or node[part] is None:
+            if part == "stages":  # materialise the default stages so that one of them can be overridden
+                node[part] = [dataclasses.asdict(s) for s in TrainConfig().stages]
+            else:
+                node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, key)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    try:
+        idx = int(part)
+        node[idx]
+        return idx
+    except (ValueError, IndexError):
+        raise ConfigError(f"override {key!r}: {part!r} is not a valid index into a list of {len(node)}") from None
+
+
+def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: `{prefix or '<root>'}` must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(prefix + k for k in unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, source, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, source, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, source, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{source}: `{key}` = {value!r} does not match {tp}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: `{key}` must be a list, got {value!r}")
+        (arg,) = typing.get_args(tp) or (Any,)
+        return [_coerce(arg, v, source, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: `{key}` must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "1e-3" as a string
+        except ValueError:
+            pass
+    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{source}: `{key}` must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def dumps(cfg: RunConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2)

@@ -1,0 +1,133 @@
+"""The connector contract and registry.
+
+A connector is built from shape facts (:class:`ConnectorSpec`), declares which tower hidden states it needs
+(:meth:`Connector.feature_layers`), reports how many visual tokens it emits per image as a pure function of the
+grid (:meth:`Connector.num_tokens`; the processor expands ``<image>`` to exactly that many tokens) and maps the
+selected features to LM-space tokens (:meth:`Connector.forward`).  ``context`` carries text/guidance for
+connectors that need it (MoVA gating, HyperLLaVA); plain projectors ignore it.
+
+Registry keys are exact; aliases are explicit; patterns (``mlpNx_gelu``) are regexes anchored on the whole name.
+Nothing ever dispatches on substrings of paths.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ConnectorSpec:
+    vision_hidden_size: int
+    num_vision_layers: int  # blocks; hidden_states has num_vision_layers + 1 entries
+    grid: int  # patches per side
+    num_prefix_tokens: int  # CLS/registers present in the tower output
+    text_hidden_size: int
+    select_layer: int | list[int] = -2
+    select_strategy: str = "default"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_layer(self) -> int:
+        """Tokens of one selected hidden state after the prefix strategy."""
+        keep_prefix = self.num_prefix_tokens if self.select_strategy == "full" else 0
+        return self.grid * self.grid + keep_prefix
+
+
+@dataclass
+class ConnectorContext:
+    """Per-batch side information for context-aware connectors (text embeddings, guidance)."""
+
+    text_embeds: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ConnectorOutput:
+    tokens: torch.Tensor  # [B, T, D_text]
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Connector(nn.Module):
+    """Base class. Subclasses set ``allowed_options`` and implement ``num_tokens`` and ``forward``."""
+
+    allowed_options: frozenset[str] = frozenset()
+
+    def __init__(self, spec: ConnectorSpec) -> None:
+        super().__init__()
+        unknown = set(spec.options) - set(self.allowed_options)
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__}: unknown option(s) {sorted(unknown)}; allowed: {sorted(self.allowed_options)}"
+            )
+        self.spec = spec
+
+    def feature_layers(self) -> list[int]:
+        """Absolute indices of the tower hidden states this connector consumes."""
+        from vlweave.vision.towers import normalize_layers
+
+        return normalize_layers(self.spec.select_layer, self.spec.num_vision_layers)
+
+    def num_tokens(self, grid: int | None = None) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, features: list[torch.Tensor], context: ConnectorContext | None = None) -> ConnectorOutput:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+ConnectorFactory = Callable[[ConnectorSpec, str], Connector]
+
+_REGISTRY: dict[str, ConnectorFactory] = {}
+_PATTERNS: list[tuple[re.Pattern[str], ConnectorFactory]] = []
+ALIASES: dict[str, str] = {}
+
+
+def register(name: str | None = None, *, pattern: str | None = None, aliases: tuple[str, ...] = ()):
+    """Class/factory decorator: ``@register("linear")`` or ``@register(pattern=r"mlp(\\d+)x_gelu")``."""
+
+    def deco(factory):
+        if name is not None:
+            if name in _REGISTRY:
+                raise ValueError(f"connector {name!r} registered twice")
+            _REGISTRY[name] = factory
+            for alias in aliases:
+                ALIASES[alias] = name
+        if pattern is not None:
+            _PATTERNS.append((re.compile(pattern), factory))
+        return factory
+
+    return deco
+
+
+def known_connectors() -> list[str]:
+    return sorted(_REGISTRY) + [p.pattern for p, _ in _PATTERNS] + [f"{a} (= {t})" for a, t in ALIASES.items()]
+
+
+def build_connector(type_name: str, spec: ConnectorSpec) -> Connector:
+    from vlweave import connectors as _  # noqa: F401  (importing the package registers the built-ins)
+
+    key = ALIASES.get(type_name, type_name)
+    if key in _REGISTRY:
+        return _REGISTRY[key](spec, key)
+    for pat, factory in _PATTERNS:
+        if pat.fullmatch(key):
+            return factory(spec, key)
+    raise ValueError(f"unknown connector type {type_name!r}; known: {', '.join(known_connectors())}")
+
+
+def pool_grid(x: torch.Tensor, grid: int, kernel: int, num_prefix: int = 0) -> torch.Tensor:
+    """2-D average pooling of the patch grid (row-major tokens) by ``kernel``; prefix tokens pass through."""
+    if kernel == 1:
+        return x
+    prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
+    b, n, c = patches.shape
+    if n != grid * grid:
+        raise ValueError(f"expected {grid}x{grid}={grid * grid} patch tokens, got {n}")
+    img = patches.transpose(1, 2).reshape(b, c, grid, grid)
+    img = nn.functional.avg_pool2d(img, kernel_size=kernel, stride=kernel, ceil_mode=False)
+    return torch.cat([prefix, img.flatten(2).transpose(1, 2)], dim=1)

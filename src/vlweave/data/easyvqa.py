@@ -1,0 +1,76 @@
+"""easy-vqa helpers: question templates (for the blind per-template baseline), question types, and the
+caption data of the demo's ``align`` stage.
+
+Every easy-vqa image holds one shape of one colour; its questions ask the colour, the shape, or whether a colour/
+shape is (not) present.  The align stage needs image->text pairs like LLaVA's LCS captions; we derive a short
+caption ("red circle") for each training image from that image's own training answers, so no test information
+is used.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+SHAPES = ("circle", "rectangle", "triangle")
+_COLOR_RE = re.compile(r"\b(" + "|".join(COLORS) + r")\b")
+_SHAPE_RE = re.compile(r"\b(" + "|".join(SHAPES) + r")\b")
+
+
+def question_template(text: str) -> str:
+    """The question with its colour/shape words replaced by placeholders."""
+    return _SHAPE_RE.sub("{shape}", _COLOR_RE.sub("{color}", text.lower().strip()))
+
+
+def question_type(answer: str) -> str:
+    a = answer.lower().strip()
+    if a in COLORS:
+        return "color"
+    if a in SHAPES:
+        return "shape"
+    return "yes/no"
+
+
+def _facts_from_turns(turns: list[dict[str, str]]) -> tuple[str | None, str | None]:
+    """Colour and shape of an image from its QA turns (direct answers first, then yes/no evidence)."""
+    color: Counter = Counter()
+    shape: Counter = Counter()
+    for q, a in zip(turns[0::2], turns[1::2]):
+        text = q["value"].replace("<image>", "").strip().lower()
+        ans = a["value"].strip().lower()
+        if ans in COLORS:
+            color[ans] += 2
+        elif ans in SHAPES:
+            shape[ans] += 2
+        elif ans in ("yes", "no"):
+            negated = bool(re.search(r"\bnot\b|\bno\b", text))
+            present = (ans == "yes") != negated
+            if present:
+                for c in _COLOR_RE.findall(text):
+                    color[c] += 1
+                for s in _SHAPE_RE.findall(text):
+                    shape[s] += 1
+    best = lambda cnt: cnt.most_common(1)[0][0] if cnt else None  # noqa: E731
+    return best(color), best(shape)
+
+
+def build_caption_data(train_json: str | Path, out_path: str | Path) -> int:
+    """Write LLaVA-format caption records ("<image>" -> "red circle") for the align stage; returns the count."""
+    records = json.loads(Path(train_json).read_text())
+    out: list[dict[str, Any]] = []
+    for rec in records:
+        color, shape = _facts_from_turns(rec["conversations"])
+        if color is None or shape is None:
+            continue  # not enough evidence in this image's questions; skipping loses no QA data
+        out.append({
+            "id": rec["id"] + "-caption",
+            "image": rec["image"],
+            "conversations": [{"from": "human", "value": "<image>\nDescribe the image briefly."},
+                              {"from": "gpt", "value": f"{color} {shape}"}],
+        })
+    Path(out_path).write_text(json.dumps(out))
+    return len(out)

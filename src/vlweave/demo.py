@@ -1,0 +1,95 @@
+"""The embedded-default demo: real DINOv2-S + SmolLM2-135M-Instruct, trained on easy-vqa, on a laptop CPU.
+
+prepare assets -> caption data for ``align`` -> train (align, finetune) -> greedy eval on a fixed held-out subset
+-> table beside the blind baselines -> run folder (config, checkpoints, metrics JSON, loss PNG, predictions).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from vlweave import assets
+from vlweave.config import RunConfig
+from vlweave.data.easyvqa import build_caption_data, question_template, question_type
+from vlweave.data.llava_json import load_questions
+from vlweave.eval.runner import evaluate, load_eval_questions
+from vlweave.eval.vqa import majority_baselines
+from vlweave.presets import preset_path
+from vlweave.train.trainer import Trainer
+
+console = Console(stderr=True)
+
+
+def prepare_demo_data(run_dir: Path) -> Path:
+    """Caption records for the align stage, derived from the training answers (see ``data/easyvqa.py``)."""
+    root = assets.pull("easy-vqa")
+    out = run_dir / "align_captions.json"
+    n = build_caption_data(root / "train.json", out)
+    console.print(f"[dim]align data: {n} caption records -> {out}[/dim]")
+    # Records point at images relative to the asset folder.
+    return out
+
+
+def run_demo(overrides: list[str] | None = None, output_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
+    t0 = time.time()
+    cfg = RunConfig.load(preset_path("demo"), overrides or [])
+    if output_dir:
+        cfg.train.output_dir = output_dir
+    run_dir = Path(cfg.train.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("dinov2-small", "smollm2-135m-instruct", "easy-vqa"):
+        console.print(f"[bold]asset[/bold] {name}: {assets.pull(name)}")
+    t_assets = time.time() - t0
+    if cfg.data.align is None:
+        cfg.data.align = str(prepare_demo_data(run_dir))
+        cfg.data.image_folder = str(assets.pull("easy-vqa"))
+
+    trainer = Trainer(cfg, progress=progress)
+    t1 = time.time()
+    trainer.train()
+    t_train = time.time() - t1
+
+    questions = load_eval_questions(cfg.eval.data, cfg.eval.image_folder, cfg.eval.limit, cfg.eval.subset_seed)
+    for q in questions:
+        q["type"] = question_type(q["answer"])
+    t2 = time.time()
+    report = evaluate(trainer.model, trainer.tokenizer, questions, out_dir=run_dir, batch_size=cfg.eval.batch_size,
+                      max_new_tokens=cfg.eval.max_new_tokens, prompt_suffix=cfg.eval.prompt_suffix,
+                      group_key="type", progress=progress, bf16=cfg.train.bf16)
+    t_eval = time.time() - t2
+    train_q = load_questions(assets.pull("easy-vqa") / "train_qa.jsonl", assets.pull("easy-vqa"), check_images=False)
+    baselines = majority_baselines(train_q, questions, question_template)
+    report.pop("answers")
+    result = {
+        "accuracy": report["accuracy"],
+        "n_questions": report["n"],
+        "by_type": report["by_type"],
+        "baselines": baselines,
+        "seconds": {"assets": t_assets, "train": t_train, "eval": t_eval, "total": time.time() - t0},
+        "run_dir": str(run_dir),
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    print_table(result)
+    return result
+
+
+def print_table(result: dict[str, Any]) -> None:
+    table = Table(title=f"easy-vqa held-out ({result['n_questions']} questions, greedy, normalised exact match)")
+    table.add_column("model")
+    table.add_column("accuracy", justify="right")
+    for name, acc in (("majority answer (blind)", result["baselines"]["majority"]),
+                      ("majority per template (blind)", result["baselines"]["majority_per_template"])):
+        table.add_row(name, f"{acc:.3f}")
+    table.add_row("[bold]vlweave demo[/bold]", f"[bold]{result['accuracy']:.3f}[/bold]")
+    for qtype, r in result["by_type"].items():
+        table.add_row(f"  {qtype} questions ({r['n']})", f"{r['accuracy']:.3f}")
+    Console().print(table)
+    s = result["seconds"]
+    Console().print(f"time: assets {s['assets']:.0f}s, train {s['train']:.0f}s, eval {s['eval']:.0f}s, "
+                    f"total {s['total']:.0f}s; run folder: {result['run_dir']}")

@@ -1,0 +1,53 @@
+"""Evaluate a checkpoint on a question file: load, generate, score, save predictions and metrics."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from vlweave.data.llava_json import load_questions
+from vlweave.eval.vqa import exact_match_report, generate_answers, save_predictions
+from vlweave.train.trainer import make_transform, resolve_data_path, transform_desc
+from vlweave.vision.cache import FeatureStore
+
+
+def select_questions(questions: list[dict[str, Any]], limit: int | None, subset_seed: int | None) -> list[dict[str, Any]]:
+    """A fixed subset: the first ``limit`` questions, or a seeded random sample of ``limit`` (same for every model)."""
+    if limit is None or limit >= len(questions):
+        return list(questions)
+    if subset_seed is None:
+        return list(questions[:limit])
+    idx = sorted(random.Random(subset_seed).sample(range(len(questions)), limit))
+    return [questions[i] for i in idx]
+
+
+def load_eval_questions(data: str, image_folder: str | None = None, limit: int | None = None,
+                        subset_seed: int | None = None) -> list[dict[str, Any]]:
+    path, root = resolve_data_path(data)
+    questions = load_questions(path, image_folder or root)
+    return select_questions(questions, limit, subset_seed)
+
+
+def evaluate(model, tokenizer, questions: list[dict[str, Any]], *, out_dir: str | Path | None = None,
+             batch_size: int = 32, max_new_tokens: int = 8, prompt_suffix: str = "", use_cache: bool = True,
+             group_key: str | None = None, progress: bool = True, bf16: bool = False) -> dict[str, Any]:
+    store = None
+    if use_cache and not any(p.requires_grad for p in model.vision_tower.parameters()):
+        store = FeatureStore(model, make_transform(model), transform_desc=transform_desc(model))
+    t0 = time.time()
+    answers = generate_answers(model, tokenizer, questions, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                               prompt_suffix=prompt_suffix, store=store, progress=progress, bf16=bf16)
+    seconds = time.time() - t0
+    report = exact_match_report(questions, answers, group_key=group_key)
+    report.update({"eval_seconds": seconds, "prompt_suffix": prompt_suffix, "max_new_tokens": max_new_tokens,
+                   "scorer": "normalised exact match", "decoding": "greedy"})
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_predictions(out / "predictions.jsonl", questions, answers)
+        (out / "eval_metrics.json").write_text(json.dumps(report, indent=2))
+    report["answers"] = answers
+    return report

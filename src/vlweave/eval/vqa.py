@@ -1,0 +1,140 @@
+"""Batched greedy VQA evaluation with normalised exact-match accuracy; predictions saved as JSONL.
+
+Generation uses LEFT padding (so that every prompt ends at the same position and the KV cache stays aligned) and
+stops at the tokenizer's end-of-turn/eos ids.  Prompts are sorted by length so that batches carry little padding;
+results are returned in the original question order.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from vlweave.processing import ImageTransform, encode_prompt
+from vlweave.vision.cache import FeatureStore, load_image
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation and articles, collapse whitespace (VQA-style normalisation, simplified)."""
+    text = text.lower().translate(_PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "</s>", "<|endoftext|>", "<|eot_id|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate_answers(
+    model,
+    tokenizer,
+    questions: Sequence[dict[str, Any]],
+    *,
+    template: str | None = None,
+    system_prompt: str | None = None,
+    prompt_suffix: str = "",
+    batch_size: int = 32,
+    max_new_tokens: int = 8,
+    store: FeatureStore | None = None,
+    progress: bool = True,
+    bf16: bool = False,
+) -> list[str]:
+    """Greedy answers for ``questions`` (dicts with ``text`` and optional absolute ``image`` path)."""
+    model.eval()
+    cfg = model.config
+    template = template or cfg.chat_template_name
+    system_prompt = cfg.system_prompt if system_prompt is None else system_prompt
+    transform = ImageTransform(model.facts.image_size, cfg.image_mean, cfg.image_std, aspect=cfg.image_aspect)
+    prompts = []
+    for q in questions:
+        text = q["text"] + prompt_suffix
+        has_image = bool(q.get("image"))
+        conv = [{"from": "human", "value": ("<image>\n" + text) if has_image else text}]
+        prompts.append(encode_prompt(conv, tokenizer, template, image_token_id=cfg.image_token_id if has_image else None,
+                                     num_image_tokens=model.num_image_tokens, system_prompt=system_prompt,
+                                     sample_id=str(q.get("question_id", "?"))))
+    if store is not None:
+        store.ensure([q["image"] for q in questions if q.get("image")], progress)
+    order = sorted(range(len(questions)), key=lambda i: len(prompts[i]))
+    answers: list[str] = [""] * len(questions)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer)
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(questions), desc="generating", disable=not progress, unit="q")
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            p = prompts[i]
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        images = [questions[i]["image"] for i in idx if questions[i].get("image")]
+        kwargs: dict[str, Any] = {}
+        if images:
+            if store is not None:
+                kwargs["vision_features"] = [f.to(device) for f in store.batch(images)]
+            else:
+                kwargs["pixel_values"] = torch.stack([transform(load_image(p)) for p in images]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=stops, pad_token_id=pad_id, **kwargs)
+        for r, i in enumerate(idx):
+            answers[i] = tokenizer.decode(out[r], skip_special_tokens=True).strip()
+        bar.update(len(idx))
+    bar.close()
+    return answers
+
+
+def exact_match_report(questions: Sequence[dict[str, Any]], answers: Sequence[str],
+                       group_key: str | None = None) -> dict[str, Any]:
+    """Accuracy of normalised exact match; per-group accuracies when questions carry ``group_key``."""
+    correct = [normalize_answer(a) == normalize_answer(q["answer"]) for q, a in zip(questions, answers)]
+    report: dict[str, Any] = {"accuracy": sum(correct) / max(1, len(correct)), "n": len(correct)}
+    if group_key:
+        groups: dict[str, list[bool]] = defaultdict(list)
+        for q, c in zip(questions, correct):
+            groups[str(q.get(group_key, "?"))].append(c)
+        report["by_" + group_key] = {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())}
+    return report
+
+
+def save_predictions(path: str | Path, questions: Sequence[dict[str, Any]], answers: Sequence[str]) -> None:
+    with open(path, "w") as fh:
+        for q, a in zip(questions, answers):
+            row = {"question_id": q.get("question_id"), "question": q["text"], "prediction": a,
+                   "answer": q.get("answer"), "correct": normalize_answer(a) == normalize_answer(q.get("answer", ""))}
+            fh.write(json.dumps(row) + "\n")
+
+
+def majority_baselines(train: Sequence[dict[str, Any]], test: Sequence[dict[str, Any]], template_fn) -> dict[str, float]:
+    """Blind baselines on ``test``: the overall majority answer and the majority answer per question template,
+    both learned from ``train``."""
+    overall = Counter(normalize_answer(q["answer"]) for q in train).most_common(1)[0][0]
+    per_t: dict[str, Counter] = defaultdict(Counter)
+    for q in train:
+        per_t[template_fn(q["text"])][normalize_answer(q["answer"])] += 1
+    maj = {t: c.most_common(1)[0][0] for t, c in per_t.items()}
+    n = max(1, len(test))
+    return {
+        "majority": sum(normalize_answer(q["answer"]) == overall for q in test) / n,
+        "majority_per_template": sum(normalize_answer(q["answer"]) == maj.get(template_fn(q["text"]), overall)
+                                     for q in test) / n,
+    }

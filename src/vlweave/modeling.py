@@ -1,0 +1,266 @@
+"""The HF-native model: ``VlweaveConfig`` + ``VlweaveForConditionalGeneration``.
+
+vision tower (any HF vision model) -> feature selection -> connector (registry) -> causal LM (any HF causal LM).
+Image tokens are scattered into the LM's input embeddings at the positions of the ``<image>`` token id, with a
+count check (HF llava semantics).  Training losses are computed only at supervised positions: the LM head over a
+49k vocabulary at every position is the single largest waste in a small-LM training step (design §7: 21-31 %).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+from transformers.configuration_utils import SubConfigSpec
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from vlweave.connectors import ConnectorContext, ConnectorSpec, build_connector
+from vlweave.vision.towers import TowerFacts, run_tower, select_features, tower_facts, vision_sub_config
+
+IGNORE_INDEX = -100
+
+
+class ImageTokenMismatchError(ValueError):
+    """The number of ``<image>`` tokens in the text does not match the visual tokens the connector produced."""
+
+
+class VlweaveConfig(PreTrainedConfig):
+    """Composite config (``vision_config``/``text_config`` like HF ``LlavaConfig``) plus the connector choice."""
+
+    model_type = "vlweave"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="dinov2"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    connector_type: str = "mlp2x_gelu"
+    connector_options: dict | None = None
+    image_token_id: int = 0
+    image_size: int | None = None  # None: the tower's own
+    vision_feature_layer: int | list[int] = -2
+    vision_feature_select_strategy: str = "default"
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+    image_aspect: str = "pad"
+    chat_template_name: str = "tokenizer"
+    system_prompt: str | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        if self.connector_options is None:
+            self.connector_options = {}
+        if self.image_mean is None:
+            self.image_mean = [0.485, 0.456, 0.406]
+        if self.image_std is None:
+            self.image_std = [0.229, 0.224, 0.225]
+
+
+class VlweavePreTrainedModel(PreTrainedModel):
+    config: VlweaveConfig
+    config_class = VlweaveConfig
+    base_model_prefix = ""
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Sub-models initialise themselves; connector layers keep PyTorch's defaults (as LLaVA's projector does).
+        pass
+
+
+class VlweaveForConditionalGeneration(VlweavePreTrainedModel):
+    def __init__(
+        self,
+        config: VlweaveConfig,
+        vision_tower: PreTrainedModel | None = None,
+        language_model: PreTrainedModel | None = None,
+    ) -> None:
+        super().__init__(config)
+        self.vision_tower = vision_tower if vision_tower is not None else AutoModel.from_config(config.vision_config)
+        self.language_model = (
+            language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        )
+        self.facts: TowerFacts = tower_facts(config.vision_config, config.image_size)
+        self.connector = build_connector(config.connector_type, self.connector_spec())
+        self.post_init()
+
+    # ---- facts -----------------------------------------------------------------------------------------
+    def connector_spec(self) -> ConnectorSpec:
+        f = tower_facts(self.config.vision_config, self.config.image_size)
+        return ConnectorSpec(
+            vision_hidden_size=f.hidden_size,
+            num_vision_layers=f.num_layers,
+            grid=f.grid,
+            num_prefix_tokens=f.num_prefix_tokens,
+            text_hidden_size=int(self.config.text_config.hidden_size),
+            select_layer=self.config.vision_feature_layer,
+            select_strategy=self.config.vision_feature_select_strategy,
+            options=dict(self.config.connector_options or {}),
+        )
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens per image; the processor expands ``<image>`` to exactly this many ids."""
+        return self.connector.num_tokens()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    # ---- vision ----------------------------------------------------------------------------------------
+    def vision_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Selected tower hidden states (what the frozen-feature cache stores): one [B, N, C] per layer."""
+        frozen = not any(p.requires_grad for p in self.vision_tower.parameters())
+        dtype = next(self.vision_tower.parameters()).dtype
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            hs = run_tower(self.vision_tower, pixel_values.to(dtype), self.facts)
+            return select_features(
+                hs, self.connector.feature_layers(), self.config.vision_feature_select_strategy, self.facts
+            )
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: list[torch.Tensor] | None = None,
+        context: ConnectorContext | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Visual tokens [N_images, T, D_text] and the connector's auxiliary losses."""
+        if vision_features is None:
+            if pixel_values is None:
+                raise ValueError("get_image_features needs pixel_values or vision_features")
+            vision_features = self.vision_features(pixel_values)
+        out = self.connector(list(vision_features), context)
+        return out.tokens, out.aux_losses
+
+    # ---- LM input --------------------------------------------------------------------------------------
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image_mask = input_ids == self.config.image_token_id
+        embed = self.get_input_embeddings()
+        embeds = embed(input_ids.masked_fill(image_mask, 0))
+        aux: dict[str, torch.Tensor] = {}
+        has_images = pixel_values is not None or vision_features is not None
+        n_slots = int(image_mask.sum())
+        if not has_images:
+            if n_slots:
+                raise ImageTokenMismatchError(f"the text has {n_slots} image tokens but no image was given")
+            return embeds, aux
+        tokens, aux = self.get_image_features(pixel_values, vision_features)
+        n_feats = tokens.shape[0] * tokens.shape[1]
+        if n_slots != n_feats:
+            raise ImageTokenMismatchError(
+                f"image tokens do not match: the text has {n_slots} image tokens, the connector produced "
+                f"{tokens.shape[0]} image(s) x {tokens.shape[1]} tokens = {n_feats} (expand <image> to "
+                f"model.num_image_tokens = {self.num_image_tokens} per image)"
+            )
+        embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), tokens.to(embeds.dtype))
+        return embeds, aux
+
+    # ---- forward ---------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: list[torch.Tensor] | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        aux: dict[str, torch.Tensor] = {}
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("forward needs input_ids or inputs_embeds")
+            inputs_embeds, aux = self.embed_inputs(input_ids, pixel_values, vision_features)
+        if labels is None:
+            out = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            return out
+        # Training path: run the decoder, then the LM head only where the next token is supervised.
+        decoder = self.language_model.get_decoder()
+        hidden = decoder(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        if not bool(keep.any()):
+            raise ValueError("batch has no supervised token (all labels are -100)")
+        logits = self.get_output_embeddings()(hidden[:, :-1][keep])
+        loss = F.cross_entropy(logits.float(), targets[keep])
+        for value in aux.values():
+            loss = loss + value
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: list[torch.Tensor] | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """Greedy/sampled generation with KV cache; returns only the new tokens. Use LEFT padding for batches."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("batched generation needs left padding (tokenizer.padding_side = 'left')")
+        embeds, _ = self.embed_inputs(input_ids, pixel_values, vision_features)
+        return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+
+def register_auto_classes() -> None:
+    """Make ``AutoConfig``/``AutoModelForImageTextToText`` load vlweave checkpoints by ``model_type``."""
+    try:
+        AutoConfig.register("vlweave", VlweaveConfig)
+    except ValueError:
+        pass  # already registered
+    for auto in (AutoModelForImageTextToText, AutoModel):
+        try:
+            auto.register(VlweaveConfig, VlweaveForConditionalGeneration)
+        except ValueError:
+            pass
+
+
+register_auto_classes()
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ImageTokenMismatchError",
+    "VlweaveConfig",
+    "VlweaveForConditionalGeneration",
+    "vision_sub_config",
+]

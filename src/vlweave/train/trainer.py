@@ -1,0 +1,338 @@
+"""Staged training on accelerate: ``align`` then ``finetune`` (or any list of stages), resumable exactly.
+
+Readable top to bottom: build -> per stage (data, tune policy, optimizer, schedule) -> steps -> checkpoints.
+Determinism: the order of samples is a pure function of (seed, stage index, epoch), so a run resumed from any
+checkpoint sees the same batches and reproduces the uninterrupted loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from vlweave import assets
+from vlweave.builder import build_model, save_checkpoint
+from vlweave.config import RunConfig, StageConfig
+from vlweave.data.collate import pad_batch
+from vlweave.data.llava_json import Sample, load_llava_data
+from vlweave.processing import ImageTransform, encode_conversation
+from vlweave.train.policy import apply_tune_policy, merge_lora
+from vlweave.vision.cache import FeatureStore, load_image
+
+
+def resolve_data_path(spec: str) -> tuple[Path, Path | None]:
+    """``asset:relative/file`` -> (file in the asset folder, asset folder as image root); else a plain path."""
+    if ":" in spec and spec.split(":", 1)[0] in assets.ASSETS:
+        name, rel = spec.split(":", 1)
+        root = assets.pull(name)
+        return root / rel, root
+    return Path(spec), None
+
+
+def make_transform(model) -> ImageTransform:
+    c = model.config
+    return ImageTransform(model.facts.image_size, c.image_mean, c.image_std, aspect=c.image_aspect)
+
+
+def transform_desc(model) -> dict:
+    c = model.config
+    return {"size": model.facts.image_size, "mean": c.image_mean, "std": c.image_std, "aspect": c.image_aspect}
+
+
+def encode_samples(samples: list[Sample], tokenizer, model, template: str, system_prompt: str | None, max_length: int,
+                   progress: bool = True) -> list[dict[str, Any]]:
+    out = []
+    for s in tqdm(samples, desc=f"tokenizing ({template})", disable=not progress, unit="sample"):
+        enc = encode_conversation(
+            s.conversations,
+            tokenizer,
+            template,
+            image_token_id=model.config.image_token_id if s.image else None,
+            num_image_tokens=model.num_image_tokens,
+            system_prompt=system_prompt,
+            max_length=max_length,
+            sample_id=s.id,
+        )
+        out.append({"input_ids": enc["input_ids"], "labels": enc["labels"], "image": s.image, "id": s.id})
+    return out
+
+
+@dataclass
+class StagePlan:
+    index: int
+    stage: StageConfig
+    examples: list[dict[str, Any]]
+    total_steps: int
+    micro_batches: list[list[int]] = field(default_factory=list)
+
+
+def plan_batches(n: int, stage: StageConfig, seed: int, index: int) -> tuple[int, list[list[int]]]:
+    """Deterministic micro-batch index lists for a stage: epochs of seeded permutations, concatenated."""
+    per_step = stage.batch_size * stage.grad_accum
+    total = max(1, math.ceil(n * stage.epochs / per_step))
+    if stage.max_steps is not None:
+        total = min(total, stage.max_steps)
+    need = total * per_step
+    order: list[int] = []
+    epoch = 0
+    while len(order) < need:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + index * 1009 + epoch)
+        order += torch.randperm(n, generator=g).tolist()
+        epoch += 1
+    order = order[:need]
+    mbs = [order[i : i + stage.batch_size] for i in range(0, need, stage.batch_size)]
+    return total, mbs
+
+
+class Trainer:
+    """Owns the model, tokenizer, feature store and run folder for one run config."""
+
+    def __init__(self, cfg: RunConfig, *, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.run_dir = Path(cfg.train.output_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._seed_all(cfg.train.seed)
+        self.model, self.tokenizer = build_model(cfg)
+        self.transform = make_transform(self.model)
+        bf16 = cfg.train.bf16 and _bf16_supported()
+        self.accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
+        self.model.to(self.accelerator.device)
+        self.store: FeatureStore | None = None
+        vision_trained = any(s.tune.get("vision", "frozen") != "frozen" for s in cfg.train.stages)
+        if cfg.train.cache_features and not vision_trained:
+            self.store = FeatureStore(self.model, self.transform, transform_desc=transform_desc(self.model))
+        self.metrics: list[dict[str, Any]] = []
+        self.trained_names: set[str] = set()
+        cfg.save(self.run_dir / "config.yaml")
+
+    # ---- helpers --------------------------------------------------------------------------------------
+    @staticmethod
+    def _seed_all(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def stage_data(self, index: int, stage: StageConfig) -> list[dict[str, Any]]:
+        d = self.cfg.data
+        spec = stage.data or (d.align if stage.name == "align" and d.align else d.train)
+        if not spec:
+            raise ValueError(f"stage {stage.name!r}: no data (set data.train or stages[{index}].data)")
+        path, root = resolve_data_path(spec)
+        samples = load_llava_data(path, d.image_folder or root)
+        if d.max_samples is not None:
+            samples = samples[: d.max_samples]
+        template = stage.template or self.cfg.language.template
+        return encode_samples(samples, self.tokenizer, self.model, template, self.cfg.language.system_prompt,
+                              self.cfg.language.max_length, self.progress)
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = pad_batch(
+            [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples],
+            self.tokenizer.pad_token_id,
+            padding_side="right",
+            pad_to_multiple_of=self.cfg.data.pad_to_multiple_of,
+        )
+        images = [e["image"] for e in examples if e["image"]]
+        if images:
+            if self.store is not None:
+                batch["vision_features"] = self.store.batch(images)
+            else:
+                batch["pixel_values"] = torch.stack([self.transform(load_image(p)) for p in images])
+        return batch
+
+    def _optimizer(self, stage: StageConfig) -> torch.optim.Optimizer:
+        conn, other = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (conn if name.startswith("connector.") else other).append(p)
+        groups = []
+        if conn:
+            groups.append({"params": conn, "lr": stage.connector_lr or stage.lr})
+        if other:
+            groups.append({"params": other, "lr": stage.lr})
+        if not groups:
+            raise ValueError(f"stage {stage.name!r} trains nothing: every component is frozen")
+        return torch.optim.AdamW(groups, weight_decay=stage.weight_decay)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------
+    def save_state(self, stage_index: int, step: int, optimizer, scheduler) -> Path:
+        """Atomic checkpoint: trained tensors, optimizer, scheduler, RNG, metrics so far."""
+        name = f"ckpt-s{stage_index}-{step:06d}"
+        final = self.run_dir / "checkpoints" / name
+        tmp = final.with_name(name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if n in self.trained_names}
+        save_file(state, str(tmp / "trained.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(), "np_rng": np.random.get_state(), "py_rng": random.getstate()},
+                   tmp / "state.pt")
+        (tmp / "progress.json").write_text(json.dumps(
+            {"stage_index": stage_index, "step": step, "trained": sorted(self.trained_names), "metrics": self.metrics}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
+
+    @staticmethod
+    def latest_checkpoint(path: str | Path) -> Path:
+        p = Path(path)
+        if (p / "progress.json").exists():
+            return p
+        ckpts = sorted((p / "checkpoints").glob("ckpt-s*-[0-9]*"), key=lambda c: c.name)
+        ckpts = [c for c in ckpts if not c.name.endswith(".tmp")]
+        if not ckpts:
+            raise FileNotFoundError(f"{p}: no checkpoint to resume from")
+        return ckpts[-1]
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def train(self, resume: str | Path | None = None) -> dict[str, Any]:
+        cfg = self.cfg
+        start_stage, start_step, ckpt = 0, 0, None
+        if resume is not None:
+            ckpt = self.latest_checkpoint(resume)
+            prog = json.loads((ckpt / "progress.json").read_text())
+            start_stage, start_step = prog["stage_index"], prog["step"]
+            self.metrics = prog["metrics"]
+            self.trained_names = set(prog["trained"])
+        t0 = time.time()
+        for index, stage in enumerate(cfg.train.stages):
+            if index < start_stage:
+                apply_tune_policy(self.model, stage, cfg.train.lora)  # same structure (LoRA) as the original run
+                continue
+            trainable = apply_tune_policy(self.model, stage, cfg.train.lora)
+            self.trained_names |= set(trainable)
+            if ckpt is not None and index == start_stage:
+                self._load_trained(ckpt)
+            examples = self.stage_data(index, stage)
+            if self.store is not None:
+                self.store.ensure([e["image"] for e in examples if e["image"]], self.progress)
+            total, mbs = plan_batches(len(examples), stage, cfg.train.seed, index)
+            optimizer = self._optimizer(stage)
+            scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(stage.warmup_ratio * total), total)
+            step = 0
+            if ckpt is not None and index == start_stage:
+                state = torch.load(ckpt / "state.pt", weights_only=False)
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                torch.set_rng_state(state["rng"])
+                np.random.set_state(state["np_rng"])
+                random.setstate(state["py_rng"])
+                step = start_step
+            if step < total:
+                self._run_stage(index, stage, examples, mbs, total, step, optimizer, scheduler)
+            self.save_state(index, total, optimizer, scheduler)
+        summary = {"train_seconds": time.time() - t0, "steps": len(self.metrics)}
+        self.export()
+        self.plot_loss()
+        (self.run_dir / "train_metrics.json").write_text(json.dumps({"summary": summary, "log": self.metrics}, indent=1))
+        return summary
+
+    def _load_trained(self, ckpt: Path) -> None:
+        state = load_file(str(ckpt / "trained.safetensors"))
+        missing = set(state) - {n for n, _ in self.model.named_parameters()}
+        if missing:
+            raise ValueError(f"{ckpt}: checkpoint has parameters the model lacks: {sorted(missing)[:5]}")
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t)
+
+    def _run_stage(self, index, stage, examples, mbs, total, step, optimizer, scheduler) -> None:
+        acc = self.accelerator
+        model = self.model
+        model.train()
+        # No dropout anywhere in the frozen tower; LM dropout follows its config.
+        model.vision_tower.eval()
+        params = [p for p in model.parameters() if p.requires_grad]
+        bar = tqdm(total=total, initial=step, desc=f"stage {index} {stage.name}", disable=not self.progress,
+                   unit="step")
+        save_every = self.cfg.train.save_every
+        while step < total:
+            t_step = time.time()
+            loss_sum, n_tok = 0.0, 0
+            for k in range(stage.grad_accum):
+                batch = self.collate([examples[i] for i in mbs[step * stage.grad_accum + k]])
+                with acc.autocast():
+                    out = model(**batch)
+                acc.backward(out.loss / stage.grad_accum)
+                loss_sum += float(out.loss.detach())
+                n_tok += int((batch["labels"][:, 1:] != -100).sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm) if stage.max_grad_norm else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            rec = {"stage": stage.name, "stage_index": index, "step": step, "loss": loss_sum / stage.grad_accum,
+                   "lr": scheduler.get_last_lr()[-1], "tokens": n_tok, "seconds": time.time() - t_step}
+            if grad_norm is not None:
+                rec["grad_norm"] = float(grad_norm)
+            self.metrics.append(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            bar.update(1)
+            if save_every and step % save_every == 0 and step < total:
+                self.save_state(index, step, optimizer, scheduler)
+        bar.close()
+
+    # ---- outputs --------------------------------------------------------------------------------------
+    def export(self) -> Path:
+        """Merged (LoRA folded in) HF-format checkpoint at ``run_dir/final``."""
+        merge_lora(self.model)
+        self.model.requires_grad_(False)
+        return save_checkpoint(self.model, self.tokenizer, self.run_dir / "final")
+
+    def plot_loss(self) -> Path | None:
+        if not self.metrics:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        x0 = 0
+        for name in dict.fromkeys(m["stage"] + f"#{m['stage_index']}" for m in self.metrics):
+            pts = [m for m in self.metrics if m["stage"] + f"#{m['stage_index']}" == name]
+            xs = [x0 + m["step"] for m in pts]
+            ax.plot(xs, [m["loss"] for m in pts], label=name.split("#")[0])
+            x0 = xs[-1]
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (supervised tokens)")
+        ax.set_title(f"vlweave training loss — {self.run_dir.name}")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        path = self.run_dir / "loss.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def _bf16_supported() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:  # AMX/AVX512-BF16 CPUs run bf16 matmuls natively
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def train(cfg: RunConfig, *, resume: str | Path | None = None, progress: bool = True) -> Trainer:
+    trainer = Trainer(cfg, progress=progress)
+    trainer.train(resume=resume)
+    return trainer
