@@ -64,8 +64,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vlweave.builder import load_checkpoint
     from vlweave.eval.runner import evaluate, load_eval_questions
 
-    model, tokenizer = load_checkpoint(args.checkpoint)
+    # The question file first: a bad record is reported before the (slow) model load.
     questions = load_eval_questions(args.data, args.image_folder, args.limit, args.subset_seed)
+    model, tokenizer = load_checkpoint(args.checkpoint)
     out_dir = args.output or str(Path(args.checkpoint) / "eval")
     report = evaluate(model, tokenizer, questions, out_dir=out_dir, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, prompt_suffix=args.prompt_suffix, bf16=args.bf16)

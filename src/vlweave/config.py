@@ -220,7 +220,7 @@ def _list_index(node: list, part: str, key: str) -> int:
 
 def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: `{prefix or '<root>'}` must be a mapping, got {data!r}")
+        raise ConfigError(f"{source}: `{prefix.rstrip('.') or '<root>'}` must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

@@ -95,9 +95,23 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel):
         self.language_model = (
             language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         )
+        self._restore_attn_implementation()
         self.facts: TowerFacts = tower_facts(config.vision_config, config.image_size)
         self.connector = build_connector(config.connector_type, self.connector_spec())
         self.post_init()
+
+    def _restore_attn_implementation(self) -> None:
+        """Give prebuilt sub-models their attention implementation back.
+
+        ``PreTrainedConfig.__post_init__`` sets ``_attn_implementation = None`` recursively on its sub-configs, and
+        a ``VlweaveConfig`` built around existing models (``builder.build_model``) shares their config objects, so
+        the tower and the LM silently fell back to eager attention (with transformers' "AttentionInterface ...
+        None" warning) while the same checkpoint reloaded with ``from_pretrained`` used SDPA.
+        """
+        for module in (self.vision_tower, self.language_model):
+            sub = getattr(module, "config", None)
+            if isinstance(module, PreTrainedModel) and sub is not None and sub._attn_implementation is None:
+                sub._attn_implementation = module._check_and_adjust_attn_implementation(None, is_init_check=True)
 
     # ---- facts -----------------------------------------------------------------------------------------
     def connector_spec(self) -> ConnectorSpec:

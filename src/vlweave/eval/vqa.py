@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from vlweave.train.trainer import bf16_available
 from vlweave.processing import ImageTransform, encode_prompt
 from vlweave.vision.cache import FeatureStore, load_image
 
@@ -35,7 +36,8 @@ def stop_token_ids(tokenizer) -> list[int]:
     ids = {tokenizer.eos_token_id}
     for tok in ("<|im_end|>", "</s>", "<|endoftext|>", "<|eot_id|>"):
         tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+        # An unknown token maps to unk; keep a real token even when it doubles as unk (SmolLM2's <|endoftext|>).
+        if isinstance(tid, int) and tid >= 0 and (tid != tokenizer.unk_token_id or tokenizer.unk_token == tok):
             ids.add(tid)
     return sorted(i for i in ids if i is not None)
 
@@ -93,7 +95,7 @@ def generate_answers(
                 kwargs["vision_features"] = [f.to(device) for f in store.batch(images)]
             else:
                 kwargs["pixel_values"] = torch.stack([transform(load_image(p)) for p in images]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and bf16_available()):
             out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=stops, pad_token_id=pad_id, **kwargs)
         for r, i in enumerate(idx):
