@@ -37,6 +37,7 @@ import contextlib
 import copy
 import gc
 import json
+import os
 import platform
 import re
 import statistics
@@ -245,10 +246,10 @@ def train_variant(model, tower, batches, inputs_fn: Callable[[dict], dict], lr: 
     opt = torch.optim.AdamW(params, lr=lr)
     model.train()
     tower.eval()  # frozen tower: no dropout/drop-path (both are 0 for DINOv2-S anyway)
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     for batch in batches:
         gc.collect()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         inputs = inputs_fn(batch)
         with autocast(bf16):
             out = model(**inputs)
@@ -256,24 +257,26 @@ def train_variant(model, tower, batches, inputs_fn: Callable[[dict], dict], lr: 
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         losses.append(float(out.loss.detach()))
     model.eval()
     del opt
-    return {"warmup_s": times[0], "step_s": times[1:], "loss": losses}
+    return {"warmup_s": times[0], "step_s": times[1:], "step_cpu_s": cpu[1:], "loss": losses}
 
 
 @torch.no_grad()
 def gen_variant(generate_fn: Callable[[], torch.Tensor], runs: int, bf16: bool) -> dict[str, Any]:
     with autocast(bf16):
         tokens = generate_fn()  # warm-up
-    times = []
+    times, cpu = [], []
     for _ in range(runs):
         gc.collect()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with autocast(bf16):
             out = generate_fn()
         times.append(time.perf_counter() - t0)
-    return {"warmup_tokens": tokens, "tokens": out, "run_s": times}
+        cpu.append(time.process_time() - c0)
+    return {"warmup_tokens": tokens, "tokens": out, "run_s": times, "run_cpu_s": cpu}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,9 +313,10 @@ def log(msg: str) -> None:
 
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
-    headers = ["variant", "samples/s (train)", "median step s", "tokens/s (gen)", "ratio vs HF", "check"]
+    headers = ["variant", "samples/s (train)", "median step s", "tokens/s (gen)", "ratio vs HF", "ratio (CPU time)",
+               "check"]
     body = [[r["variant"], r.get("samples_s", ""), r.get("median_step_s", ""), r.get("tokens_s", ""),
-             r.get("ratio", ""), r.get("check", "")] for r in rows]
+             r.get("ratio", ""), r.get("cpu_ratio", ""), r.get("check", "")] for r in rows]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     try:
         from rich.console import Console
@@ -320,7 +324,7 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
 
         table = Table(title=title)
         for i, h in enumerate(headers):
-            table.add_column(h, justify="left" if i in (0, 5) else "right")
+            table.add_column(h, justify="left" if i in (0, 6) else "right")
         for row in body:
             table.add_row(*[fmt(v) for v in row])
         Console(width=140).print(table)
@@ -347,6 +351,11 @@ def main(argv=None) -> int:
     }
     log(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
         f"bf16_available={bf16_available()}")
+    load = os.getloadavg()[0]
+    info["loadavg_start"] = load
+    if load > 0.5:
+        log(f"WARNING: load average {load:.2f} before start: other processes are using the CPU, so wall-clock "
+            "numbers (and, with oversubscribed OpenMP threads, CPU times too) are not reliable")
 
     # ---- models --------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -433,7 +442,7 @@ def main(argv=None) -> int:
                 assert toks.shape == (args.prompts, args.new_tokens), f"{label}: generated shape {tuple(toks.shape)}"
                 secs = sum(r["run_s"])
                 row = {"kind": "generate", "variant": label, "tokens_s": n_tok * args.gen_runs / secs,
-                       "seconds": r["run_s"], "bf16": bf16}
+                       "seconds": r["run_s"], "cpu_seconds": r["run_cpu_s"], "bf16": bf16}
                 if ref is None:
                     ref = row
                     row["check"] = "reference"
@@ -445,10 +454,11 @@ def main(argv=None) -> int:
                     if not same and not bf16:
                         status = 2
                     row["ratio"] = row["tokens_s"] / ref["tokens_s"]
+                    row["cpu_ratio"] = sum(ref["cpu_seconds"]) / sum(row["cpu_seconds"])
                 row["sample"] = tokenizer.decode(toks[0], skip_special_tokens=False)
                 results.append(row)
                 log(f"generate  {label:<22} {row['tokens_s']:8.2f} tok/s  ({n_tok} tokens x {args.gen_runs} in "
-                    f"{secs:.2f}s)  {row['check']}  first: {row['sample']!r}")
+                    f"{secs:.2f}s wall, {sum(r['run_cpu_s']):.2f}s CPU)  {row['check']}  first: {row['sample']!r}")
             ref = None
 
     # ---- training ------------------------------------------------------------------------------------------
@@ -478,6 +488,7 @@ def main(argv=None) -> int:
                 secs = sum(r["step_s"])
                 row = {"kind": "train", "variant": label, "samples_s": args.batch_size * args.steps / secs,
                        "median_step_s": statistics.median(r["step_s"]), "step_s": r["step_s"],
+                       "step_cpu_s": r["step_cpu_s"],
                        "warmup_s": r["warmup_s"], "loss": r["loss"], "bf16": bf16}
                 if ref is None:
                     ref = row
@@ -490,9 +501,11 @@ def main(argv=None) -> int:
                     if dl > tol and not bf16:
                         status = 2
                     row["ratio"] = row["samples_s"] / ref["samples_s"]
+                    row["cpu_ratio"] = sum(ref["step_cpu_s"]) / sum(r["step_cpu_s"])
                 results.append(row)
                 log(f"train     {label:<22} {row['samples_s']:8.2f} samples/s  (steps "
-                    f"{', '.join(f'{t:.2f}' for t in r['step_s'])} s; warm-up {r['warmup_s']:.2f} s)  losses "
+                    f"{', '.join(f'{t:.2f}' for t in r['step_s'])} s wall, "
+                    f"{', '.join(f'{t:.2f}' for t in r['step_cpu_s'])} s CPU; warm-up {r['warmup_s']:.2f} s)  losses "
                     f"{', '.join(f'{x:.4f}' for x in r['loss'])}")
 
     # ---- report --------------------------------------------------------------------------------------------
@@ -504,6 +517,10 @@ def main(argv=None) -> int:
                 table_rows.append({**r, "variant": f"{kind}: {r['variant']}"})
     print_table(table_rows, f"vlweave vs HF llava — DINOv2-S@{IMAGE_SIZE} + mlp2x_gelu + SmolLM2-135M, fp32"
                 + (" (+bf16)" if len(precisions) > 1 else "") + f", {torch.get_num_threads()} threads")
+    load_end = os.getloadavg()[0]
+    info["loadavg_end"] = load_end
+    log(f"load average: {load:.2f} at start, {load_end:.2f} at end (this process adds ~{torch.get_num_threads()}); "
+        "'ratio (CPU time)' = HF CPU seconds / variant CPU seconds over the timed part")
     if args.quick:
         log("(--quick: smoke-check sizes; these numbers are not the benchmark)")
     if args.json:

@@ -150,7 +150,9 @@ def test_presets_load():
     assert {"demo", "llava15"} <= set(list_presets())
     demo = RunConfig.load(preset_path("demo"))
     assert demo.vision.name == "dinov2-small" and demo.language.name == "smollm2-135m-instruct"
-    assert set(demo.connector.options) <= {"pool", "input_norm"}
+    from vlweave.connectors.mlp import ProjectorConnector
+
+    assert set(demo.connector.options) <= ProjectorConnector.allowed_options  # the preset's options are accepted
     assert demo.train.stages and all(set(s.tune.values()) <= {"frozen", "full", "lora"} for s in demo.train.stages)
     assert demo.eval.data  # the demo evaluates on a held-out file
     llava = RunConfig.load(preset_path("llava15"), ["train.stages.1.lr=1e-5"])

@@ -262,7 +262,7 @@ def test_connector_unknown_name_and_option():
     for name in ("identity", "linear", r"mlp(\d+)x_gelu"):
         assert name in msg
     assert set(known_connectors()) >= {"identity", "linear"}
-    with pytest.raises(ValueError, match=re.escape("unknown option(s) ['poool']; allowed: ['input_norm', 'pool']")):
+    with pytest.raises(ValueError, match=re.escape("unknown option(s) ['poool']; allowed: ['input_norm', 'pool', 'standardize']")):
         build_connector("linear", spec(options={"poool": 2}))
     with pytest.raises(ValueError, match="depth must be >= 1"):
         build_connector("mlp0x_gelu", spec())
@@ -414,3 +414,24 @@ def test_trainer_reuses_the_cache_file(tmp_path, monkeypatch):
     b.model.vision_features = no_tower
     b.train()
     assert losses(b.metrics) == losses(a.metrics)
+
+
+def test_standardize_option_calibrates_and_normalises():
+    """``standardize`` maps the calibration features to zero mean / unit std per channel before projecting."""
+    import torch
+
+    from vlweave.connectors import ConnectorSpec, build_connector
+
+    spec = ConnectorSpec(vision_hidden_size=8, num_vision_layers=2, grid=4, num_prefix_tokens=1, text_hidden_size=6,
+                         select_layer=-1, options={"pool": 2, "standardize": True})
+    conn = build_connector("linear", spec)
+    torch.manual_seed(0)
+    feats = [torch.randn(10, 16, 8) * 5 + 3]
+    conn.calibrate(feats)
+    pooled = conn._pooled_input(feats).flatten(0, 1)
+    z = (pooled - conn.feature_mean) / conn.feature_std
+    assert torch.allclose(z.mean(0), torch.zeros(8), atol=1e-5)
+    assert torch.allclose(z.std(0), torch.ones(8), atol=1e-5)
+    expected = conn.projector(z.reshape(10, 4, 8))
+    assert torch.allclose(conn(feats).tokens, expected, atol=1e-6)
+    assert {"feature_mean", "feature_std"} <= set(conn.state_dict())  # saved with the checkpoint

@@ -180,7 +180,8 @@ class Trainer:
         tmp = final.with_name(name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        state = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if n in self.trained_names}
+        tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        state = {n: t.detach().cpu().contiguous() for n, t in tensors.items() if n in self.trained_names}
         save_file(state, str(tmp / "trained.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": torch.get_rng_state(), "np_rng": np.random.get_state(), "py_rng": random.getstate()},
@@ -245,6 +246,8 @@ class Trainer:
                 np.random.set_state(state["np_rng"])
                 random.setstate(state["py_rng"])
                 step = start_step
+            if ckpt is None and index == 0:
+                self.calibrate_connector(examples)
             if step < total:
                 self._run_stage(index, stage, examples, mbs, total, step, optimizer, scheduler)
             self.save_state(index, total, optimizer, scheduler)
@@ -254,12 +257,27 @@ class Trainer:
         (self.run_dir / "train_metrics.json").write_text(json.dumps({"summary": summary, "log": self.metrics}, indent=1))
         return summary
 
+    @torch.no_grad()
+    def calibrate_connector(self, examples: dict[int, dict[str, Any]], max_images: int = 512) -> None:
+        """Let a connector measure input statistics (e.g. ``standardize``) on training images before step 1.
+        The measured buffers are saved with the model, so resumed runs and exports reuse them."""
+        calibrate = getattr(self.model.connector, "calibrate", None)
+        images = sorted({e["image"] for e in examples.values() if e["image"]})[:max_images]
+        if calibrate is None or not images:
+            return
+        if self.store is not None:
+            feats = self.store.batch(images)
+        else:
+            feats = self.model.vision_features(torch.stack([self.transform(load_image(p)) for p in images]))
+        calibrate(feats)
+        self.trained_names |= {f"connector.{n}" for n, _ in self.model.connector.named_buffers()}
+
     def _load_trained(self, ckpt: Path) -> None:
         state = load_file(str(ckpt / "trained.safetensors"))
-        missing = set(state) - {n for n, _ in self.model.named_parameters()}
+        params = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        missing = set(state) - set(params)
         if missing:
-            raise ValueError(f"{ckpt}: checkpoint has parameters the model lacks: {sorted(missing)[:5]}")
-        params = dict(self.model.named_parameters())
+            raise ValueError(f"{ckpt}: checkpoint has tensors the model lacks: {sorted(missing)[:5]}")
         with torch.no_grad():
             for n, t in state.items():
                 params[n].copy_(t)
