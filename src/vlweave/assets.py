@@ -114,7 +114,7 @@ _RECIPE_VERSION: dict[str, int] = {
     "dinov2-small": 1,
     "smollm2-135m-instruct": 1,
     "efficientnet-lite0": 1,
-    "easy-vqa": 1,
+    "easy-vqa": 2,  # 2: + {split}_single.json, train_captions.json
 }
 
 

@@ -473,6 +473,17 @@ def convert_easy_vqa(sources: dict[str, Path], out: Path) -> None:
             raise AssetError(f"easy-vqa {split}: found {counts}, expected {expected}")
         _write_json(out / f"{split}.json", records)
         _write_jsonl(out / f"{split}_qa.jsonl", qa_rows)
+        # One question per record: the same form a question takes at evaluation (the image, then one question).
+        # In the multi-turn records a yes/no question almost never comes first, right after the image.
+        single = [{"id": r["question_id"], "image": r["image"],
+                   "conversations": [{"from": "human", "value": "<image>\n" + r["text"]},
+                                     {"from": "gpt", "value": r["answer"]}]} for r in qa_rows]
+        _write_json(out / f"{split}_single.json", single)
+        if split == "train":
+            from vlweave.data.easyvqa import build_caption_data
+
+            n_caps = build_caption_data(out / "train.json", out / "train_captions.json")
+            _log(f"easy-vqa train: {n_caps} caption records for the align stage")
         meta["splits"][split] = counts
         unknown = sorted({a for _, a, _ in questions} - set(answers))
         if unknown:

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from vlweave import assets
 from vlweave.config import RunConfig
-from vlweave.data.easyvqa import build_caption_data, question_template, question_type
+from vlweave.data.easyvqa import question_template, question_type
 from vlweave.data.llava_json import load_questions
 from vlweave.eval.runner import evaluate, load_eval_questions
 from vlweave.eval.vqa import majority_baselines
@@ -24,16 +24,6 @@ from vlweave.presets import preset_path
 from vlweave.train.trainer import Trainer
 
 console = Console(stderr=True)
-
-
-def prepare_demo_data(run_dir: Path) -> Path:
-    """Caption records for the align stage, derived from the training answers (see ``data/easyvqa.py``)."""
-    root = assets.pull("easy-vqa")
-    out = run_dir / "align_captions.json"
-    n = build_caption_data(root / "train.json", out)
-    console.print(f"[dim]align data: {n} caption records -> {out}[/dim]")
-    # Records point at images relative to the asset folder.
-    return out
 
 
 def run_demo(overrides: list[str] | None = None, output_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -46,10 +36,6 @@ def run_demo(overrides: list[str] | None = None, output_dir: str | None = None, 
     for name in ("dinov2-small", "smollm2-135m-instruct", "easy-vqa"):
         console.print(f"[bold]asset[/bold] {name}: {assets.pull(name)}")
     t_assets = time.time() - t0
-    if cfg.data.align is None:
-        cfg.data.align = str(prepare_demo_data(run_dir))
-        cfg.data.image_folder = str(assets.pull("easy-vqa"))
-
     trainer = Trainer(cfg, progress=progress)
     t1 = time.time()
     trainer.train()
