@@ -161,3 +161,25 @@ def test_presets_load():
     assert llava.train.stages[1].tune["language"] == "full"
     with pytest.raises(FileNotFoundError, match="no config file or preset named 'nope'; presets: .*demo"):
         preset_path("nope")
+
+
+@pytest.mark.parametrize("kind,tokens,width", [("sti", 720, 1024), ("sci", 576, 3072), ("dci", 576, 3072)])
+def test_dense_presets_build_their_connectors(kind, tokens, width):
+    """``dense-*`` (CLIP-L/336 + Vicuna-7B, reference layers) and ``demo-dense-*`` (DINOv2-S, derived layers): the
+    connector each preset names builds from the tower facts with the preset's options."""
+    from vlweave.connectors import ConnectorSpec, build_connector
+
+    cfg = RunConfig.load(preset_path(f"dense-{kind}"))
+    assert cfg.vision.name == "openai/clip-vit-large-patch14-336" and cfg.language.name == "lmsys/vicuna-7b-v1.5"
+    clip_l = ConnectorSpec(vision_hidden_size=1024, num_vision_layers=24, grid=24, num_prefix_tokens=1,
+                           text_hidden_size=64, select_layer=cfg.vision.select_layer,
+                           options=cfg.connector.options, vision_model_type="clip_vision_model")
+    conn = build_connector(cfg.connector.type, clip_l)
+    assert (conn.num_tokens(), conn.projector[0].in_features) == (tokens, width)
+    demo = RunConfig.load(preset_path(f"demo-dense-{kind}"))
+    assert demo.train.stages == RunConfig.load(preset_path("demo")).train.stages  # same recipe as the demo
+    dinov2_s = ConnectorSpec(vision_hidden_size=384, num_vision_layers=12, grid=8, num_prefix_tokens=1,
+                             text_hidden_size=64, select_layer=demo.vision.select_layer, options=demo.connector.options,
+                             vision_model_type="dinov2")
+    conn = build_connector(demo.connector.type, dinov2_s)
+    assert conn.num_tokens() == {"sti": 6, "sci": 4, "dci": 4}[kind]

@@ -222,7 +222,7 @@ def test_list_select_layer_concatenates_channels(tmp_path):
         feats = model.vision_features(pixels)
         tokens, _ = model.get_image_features(vision_features=feats)
         expected = model.connector.projector(torch.cat([hs[1][:, 1:], hs[2][:, 1:]], dim=-1))
-    assert [f.shape for f in feats] == [torch.Size([1, 16, 32])] * 2
+    assert [f.shape for f in feats] == [torch.Size([1, 16, 64])]  # prepared: the layers fused on channels
     torch.testing.assert_close(tokens, expected, atol=1e-6, rtol=0)
     cfg.vision.select_layer = 3
     with pytest.raises(ValueError, match="vision layer 3 out of range for a tower with 2 blocks"):
@@ -262,7 +262,7 @@ def test_connector_unknown_name_and_option():
     for name in ("identity", "linear", r"mlp(\d+)x_gelu"):
         assert name in msg
     assert set(known_connectors()) >= {"identity", "linear"}
-    with pytest.raises(ValueError, match=re.escape("unknown option(s) ['poool']; allowed: ['input_norm', 'pool', 'standardize']")):
+    with pytest.raises(ValueError, match=re.escape("unknown option(s) ['poool']; allowed: ['efficient_grid', 'input_norm', 'pool', 'standardize']")):
         build_connector("linear", spec(options={"poool": 2}))
     with pytest.raises(ValueError, match="depth must be >= 1"):
         build_connector("mlp0x_gelu", spec())
@@ -427,11 +427,12 @@ def test_standardize_option_calibrates_and_normalises():
     conn = build_connector("linear", spec)
     torch.manual_seed(0)
     feats = [torch.randn(10, 16, 8) * 5 + 3]
-    conn.calibrate(feats)
-    pooled = conn._pooled_input(feats).flatten(0, 1)
+    prepared = conn.prepare(feats)
+    conn.calibrate(prepared)
+    pooled = prepared[0].flatten(0, 1)
     z = (pooled - conn.feature_mean) / conn.feature_std
     assert torch.allclose(z.mean(0), torch.zeros(8), atol=1e-5)
     assert torch.allclose(z.std(0), torch.ones(8), atol=1e-5)
     expected = conn.projector(z.reshape(10, 4, 8))
-    assert torch.allclose(conn(feats).tokens, expected, atol=1e-6)
+    assert torch.allclose(conn(prepared).tokens, expected, atol=1e-6)
     assert {"feature_mean", "feature_std"} <= set(conn.state_dict())  # saved with the checkpoint

@@ -36,7 +36,16 @@ def _cmd_assets(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vlweave.demo import run_demo
 
-    run_demo(args.set, output_dir=args.output)
+    run_demo(args.set, output_dir=args.output, config=args.config)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from vlweave.compare import compare
+
+    seeds = list(range(args.seeds)) if args.seed_list is None else args.seed_list
+    compare(args.configs, seeds, args.output, overrides=args.set)
+    print(f"results: {Path(args.output) / 'compare.json'}, chart: {Path(args.output) / 'compare.png'}", file=sys.stderr)
     return 0
 
 
@@ -81,7 +90,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from vlweave.builder import load_checkpoint
 
     model, tokenizer = load_checkpoint(args.checkpoint)
-    session = ChatSession(model, tokenizer, image=args.image, max_new_tokens=args.max_new_tokens)
+    session = ChatSession(model, tokenizer, image=args.image, max_new_tokens=args.max_new_tokens,
+                          video=args.video, num_frames=args.frames)
     if args.prompt is not None:
         print(session.ask(args.prompt))
         return 0
@@ -111,7 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train + evaluate the embedded default (DINOv2-S + SmolLM2) on easy-vqa")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     d.add_argument("--output", help="run folder (default: train.output_dir of the demo preset)")
+    d.add_argument("--config", default="demo", help="the demo preset or a variant (e.g. demo-dense-dci)")
     d.set_defaults(func=_cmd_demo)
+
+    m = sub.add_parser("compare", help="train + evaluate several configs on the same data, steps and seeds")
+    m.add_argument("configs", nargs="+", help="preset names or YAML files")
+    m.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    m.add_argument("--seed-list", type=int, nargs="+", help="explicit seeds instead of --seeds")
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every config")
+    m.add_argument("--output", default="runs/compare", help="folder for runs, compare.json and compare.png")
+    m.set_defaults(func=_cmd_compare)
 
     t = sub.add_parser("train", help="train from a YAML config or preset name")
     t.add_argument("config")
@@ -133,9 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", help="folder for predictions.jsonl and eval_metrics.json")
     e.set_defaults(func=_cmd_eval)
 
-    c = sub.add_parser("chat", help="chat about an image (interactive without --prompt)")
+    c = sub.add_parser("chat", help="chat about an image or a video (interactive without --prompt)")
     c.add_argument("checkpoint")
     c.add_argument("--image")
+    c.add_argument("--video", help="a video file: answered training-free from --frames sampled frames")
+    c.add_argument("--frames", type=int, default=8, help="frames sampled from --video (default 8)")
     c.add_argument("--prompt")
     c.add_argument("--max-new-tokens", type=int, default=128)
     c.set_defaults(func=_cmd_chat)

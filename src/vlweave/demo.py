@@ -26,9 +26,11 @@ from vlweave.train.trainer import Trainer
 console = Console(stderr=True)
 
 
-def run_demo(overrides: list[str] | None = None, output_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
+def run_demo(overrides: list[str] | None = None, output_dir: str | None = None, progress: bool = True,
+             config: str = "demo") -> dict[str, Any]:
+    """``config``: the ``demo`` preset or a variant of it (e.g. ``demo-dense-dci``), by name or YAML path."""
     t0 = time.time()
-    cfg = RunConfig.load(preset_path("demo"), overrides or [])
+    cfg = RunConfig.load(preset_path(config), overrides or [])
     if output_dir:
         cfg.train.output_dir = output_dir
     run_dir = Path(cfg.train.output_dir)
@@ -59,6 +61,9 @@ def run_demo(overrides: list[str] | None = None, output_dir: str | None = None, 
         "baselines": baselines,
         "seconds": {"assets": t_assets, "train": t_train, "eval": t_eval, "total": time.time() - t0},
         "run_dir": str(run_dir),
+        "config": config,
+        "connector": cfg.connector.type,
+        "visual_tokens": trainer.model.num_image_tokens,
     }
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     print_table(result)
@@ -72,7 +77,7 @@ def print_table(result: dict[str, Any]) -> None:
     for name, acc in (("majority answer (blind)", result["baselines"]["majority"]),
                       ("majority per template (blind)", result["baselines"]["majority_per_template"])):
         table.add_row(name, f"{acc:.3f}")
-    table.add_row("[bold]vlweave demo[/bold]", f"[bold]{result['accuracy']:.3f}[/bold]")
+    table.add_row(f"[bold]vlweave {result.get('config', 'demo')}[/bold]", f"[bold]{result['accuracy']:.3f}[/bold]")
     for qtype, r in result["by_type"].items():
         table.add_row(f"  {qtype} questions ({r['n']})", f"{r['accuracy']:.3f}")
     Console().print(table)

@@ -57,6 +57,7 @@ class VlweaveConfig(PreTrainedConfig):
     chat_template_name: str = "tokenizer"
     system_prompt: str | None = None
     tie_word_embeddings: bool = False
+    video_pool: int = 2  # zero-shot video: max-pool kernel over each frame's tokens (FreeVA --use_pool); 1 = none
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -125,6 +126,7 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel):
             select_layer=self.config.vision_feature_layer,
             select_strategy=self.config.vision_feature_select_strategy,
             options=dict(self.config.connector_options or {}),
+            vision_model_type=str(getattr(vision_sub_config(self.config.vision_config), "model_type", "")),
         )
 
     @property
@@ -143,14 +145,16 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel):
 
     # ---- vision ----------------------------------------------------------------------------------------
     def vision_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """Selected tower hidden states (what the frozen-feature cache stores): one [B, N, C] per layer."""
+        """The connector's prepared input (selected hidden states after its parameter-free ``prepare``: pooling,
+        multi-layer fusion); this is what the frozen-feature cache stores."""
         frozen = not any(p.requires_grad for p in self.vision_tower.parameters())
         dtype = next(self.vision_tower.parameters()).dtype
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             hs = run_tower(self.vision_tower, pixel_values.to(dtype), self.facts)
-            return select_features(
+            selected = select_features(
                 hs, self.connector.feature_layers(), self.config.vision_feature_select_strategy, self.facts
             )
+            return self.connector.prepare(selected)
 
     def get_image_features(
         self,
@@ -166,24 +170,61 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel):
         out = self.connector(list(vision_features), context)
         return out.tokens, out.aux_losses
 
+    # ---- video (training-free, methods.md §1d) --------------------------------------------------------
+    def num_video_tokens(self, num_frames: int) -> int:
+        """Visual tokens of a ``num_frames`` video: per frame ``num_image_tokens // video_pool`` (max-pooled)."""
+        return num_frames * (self.num_image_tokens // int(self.config.video_pool))
+
+    def check_video_fits(self, num_frames: int, text_tokens: int = 0) -> None:
+        """Raise a clear error when ``num_frames`` x tokens (+ text) exceeds the LM's context."""
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        need = self.num_video_tokens(num_frames) + text_tokens
+        if limit is not None and need > int(limit):
+            per = self.num_image_tokens // int(self.config.video_pool)
+            raise ValueError(
+                f"a {num_frames}-frame video needs {num_frames} x {per} = {self.num_video_tokens(num_frames)} visual "
+                f"tokens (+{text_tokens} text), more than the LM's context of {limit}; use fewer frames"
+            )
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        """[B, T, 3, H, W] frames -> [B, T * tokens_per_frame, D_text]: every frame through tower + connector as an
+        image, then max-pooling (kernel ``video_pool``) along each frame's row-major token axis, then frames
+        concatenated in time order (they fill the single ``<image>`` slot)."""
+        if pixel_values_videos.dim() != 5:
+            raise ValueError(f"videos must be [batch, frames, 3, H, W], got {tuple(pixel_values_videos.shape)}")
+        b, t = pixel_values_videos.shape[:2]
+        self.check_video_fits(t)
+        tokens, _ = self.get_image_features(pixel_values_videos.flatten(0, 1))  # [B*T, N, D]
+        k = int(self.config.video_pool)
+        if k > 1:
+            tokens = F.max_pool1d(tokens.transpose(1, 2), kernel_size=k, stride=k).transpose(1, 2)
+        return tokens.reshape(b, t * tokens.shape[1], tokens.shape[2])
+
     # ---- LM input --------------------------------------------------------------------------------------
     def embed_inputs(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         vision_features: list[torch.Tensor] | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """LM input embeddings with the visual tokens (of images, or of videos) scattered into the ``<image>`` slots."""
         image_mask = input_ids == self.config.image_token_id
         embed = self.get_input_embeddings()
         embeds = embed(input_ids.masked_fill(image_mask, 0))
         aux: dict[str, torch.Tensor] = {}
         has_images = pixel_values is not None or vision_features is not None
         n_slots = int(image_mask.sum())
-        if not has_images:
+        if has_images and pixel_values_videos is not None:
+            raise ValueError("give images or videos in one batch, not both")
+        if not has_images and pixel_values_videos is None:
             if n_slots:
                 raise ImageTokenMismatchError(f"the text has {n_slots} image tokens but no image was given")
             return embeds, aux
-        tokens, aux = self.get_image_features(pixel_values, vision_features)
+        if pixel_values_videos is not None:
+            tokens = self.get_video_features(pixel_values_videos)
+        else:
+            tokens, aux = self.get_image_features(pixel_values, vision_features)
         n_feats = tokens.shape[0] * tokens.shape[1]
         if n_slots != n_feats:
             raise ImageTokenMismatchError(
@@ -201,6 +242,7 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         vision_features: list[torch.Tensor] | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         past_key_values: Any = None,
@@ -212,7 +254,7 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel):
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("forward needs input_ids or inputs_embeds")
-            inputs_embeds, aux = self.embed_inputs(input_ids, pixel_values, vision_features)
+            inputs_embeds, aux = self.embed_inputs(input_ids, pixel_values, vision_features, pixel_values_videos)
         if labels is None:
             out = self.language_model(
                 inputs_embeds=inputs_embeds,
@@ -245,6 +287,7 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         vision_features: list[torch.Tensor] | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """Greedy/sampled generation with KV cache; returns only the new tokens. Use LEFT padding for batches."""
@@ -252,7 +295,7 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("batched generation needs left padding (tokenizer.padding_side = 'left')")
-        embeds, _ = self.embed_inputs(input_ids, pixel_values, vision_features)
+        embeds, _ = self.embed_inputs(input_ids, pixel_values, vision_features, pixel_values_videos)
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
 

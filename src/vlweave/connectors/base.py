@@ -1,7 +1,8 @@
 """The connector contract and registry.
 
 A connector is built from shape facts (:class:`ConnectorSpec`), declares which tower hidden states it needs
-(:meth:`Connector.feature_layers`), reports how many visual tokens it emits per image as a pure function of the
+(:meth:`Connector.feature_layers`), turns them into its input with a parameter-free :meth:`Connector.prepare`
+(pooling, multi-layer fusion: what the frozen-feature cache stores, keyed by :meth:`prepare_signature`), reports how many visual tokens it emits per image as a pure function of the
 grid (:meth:`Connector.num_tokens`; the processor expands ``<image>`` to exactly that many tokens) and maps the
 selected features to LM-space tokens (:meth:`Connector.forward`).  ``context`` carries text/guidance for
 connectors that need it (MoVA gating, HyperLLaVA); plain projectors ignore it.
@@ -30,6 +31,7 @@ class ConnectorSpec:
     select_layer: int | list[int] = -2
     select_strategy: str = "default"
     options: dict[str, Any] = field(default_factory=dict)
+    vision_model_type: str = ""  # HF model_type of the tower (e.g. "clip_vision_model"); reference presets need it
 
     @property
     def tokens_per_layer(self) -> int:
@@ -73,10 +75,19 @@ class Connector(nn.Module):
 
         return normalize_layers(self.spec.select_layer, self.spec.num_vision_layers)
 
+    def prepare(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Parameter-free, deterministic preprocessing of the selected hidden states (cacheable). Default: none."""
+        return features
+
+    def prepare_signature(self) -> dict[str, Any]:
+        """Everything that changes :meth:`prepare`'s output (part of the feature-cache key)."""
+        return {}
+
     def num_tokens(self, grid: int | None = None) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, features: list[torch.Tensor], context: ConnectorContext | None = None) -> ConnectorOutput:
+    def forward(self, prepared: list[torch.Tensor], context: ConnectorContext | None = None) -> ConnectorOutput:
+        """Visual tokens from the output of :meth:`prepare`."""
         raise NotImplementedError  # pragma: no cover - abstract
 
 

@@ -1,4 +1,8 @@
-"""Multi-turn chat about one image with a loaded checkpoint (used by ``vlweave chat``)."""
+"""Multi-turn chat about one image or one video with a loaded checkpoint (used by ``vlweave chat``).
+
+A video is answered training-free (Dense Connector §3.4 / FreeVA): ``num_frames`` frames sampled at segment
+midpoints, each encoded as an image, max-pooled and concatenated into the single ``<image>`` slot.
+"""
 
 from __future__ import annotations
 
@@ -11,31 +15,53 @@ from vlweave.processing import ImageTransform, encode_prompt
 from vlweave.vision.cache import load_image
 
 
-class ChatSession:
-    """Keeps the conversation; the image (if any) is attached to the first user turn, as LLaVA does."""
+def image_transform(model) -> ImageTransform:
+    c = model.config
+    return ImageTransform(model.facts.image_size, c.image_mean, c.image_std, aspect=c.image_aspect)
 
-    def __init__(self, model, tokenizer, image: str | None = None, max_new_tokens: int = 128) -> None:
+
+def load_video_tensor(model, path: str, num_frames: int = 8) -> torch.Tensor:
+    """[1, T, 3, H, W] frames of a video file, each processed exactly like an image."""
+    from vlweave.data.video import read_video_frames
+
+    model.check_video_fits(num_frames)
+    transform = image_transform(model)
+    return torch.stack([transform(f) for f in read_video_frames(path, num_frames)]).unsqueeze(0)
+
+
+class ChatSession:
+    """Keeps the conversation; the image or video (if any) is attached to the first user turn, as LLaVA does."""
+
+    def __init__(self, model, tokenizer, image: str | None = None, max_new_tokens: int = 128,
+                 video: str | None = None, num_frames: int = 8) -> None:
+        if image and video:
+            raise ValueError("chat about an image or a video, not both")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_new_tokens = max_new_tokens
         self.turns: list[dict[str, str]] = []
         self.pixel_values = None
+        self.pixel_values_videos = None
+        self.num_visual_tokens = model.num_image_tokens
         if image:
-            c = model.config
-            t = ImageTransform(model.facts.image_size, c.image_mean, c.image_std, aspect=c.image_aspect)
-            self.pixel_values = t(load_image(image)).unsqueeze(0)
+            self.pixel_values = image_transform(model)(load_image(image)).unsqueeze(0)
+        if video:
+            self.pixel_values_videos = load_video_tensor(model, video, num_frames)
+            self.num_visual_tokens = model.num_video_tokens(num_frames)
 
     @torch.no_grad()
     def ask(self, text: str, **generate_kwargs: Any) -> str:
         first = not self.turns
-        value = ("<image>\n" + text) if (first and self.pixel_values is not None) else text
+        visual = self.pixel_values is not None or self.pixel_values_videos is not None
+        value = ("<image>\n" + text) if (first and visual) else text
         self.turns.append({"from": "human", "value": value})
         cfg = self.model.config
         ids = encode_prompt(self.turns, self.tokenizer, cfg.chat_template_name,
-                            image_token_id=cfg.image_token_id if self.pixel_values is not None else None,
-                            num_image_tokens=self.model.num_image_tokens, system_prompt=cfg.system_prompt,
+                            image_token_id=cfg.image_token_id if visual else None,
+                            num_image_tokens=self.num_visual_tokens, system_prompt=cfg.system_prompt,
                             sample_id="chat")
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         out = self.model.generate(torch.tensor([ids]), pixel_values=self.pixel_values,
+                                  pixel_values_videos=self.pixel_values_videos,
                                   max_new_tokens=self.max_new_tokens, do_sample=False,
                                   eos_token_id=stop_token_ids(self.tokenizer), pad_token_id=pad, **generate_kwargs)
         answer = self.tokenizer.decode(out[0], skip_special_tokens=True).strip()

@@ -1,6 +1,7 @@
 """Frozen-feature cache: a frozen tower runs once per image, not once per epoch/stage/seed.
 
-Stores the *selected* hidden states (after layer choice and the CLS strategy; before the connector) per image
+Stores the connector's *prepared* input (selected hidden states after the CLS strategy and the connector's
+parameter-free ``prepare``: pooling, Dense Connector fusion; before anything trainable) per image
 path, in memory and optionally on disk (one safetensors file per (tower, transform, layers) key under
 ``cache_dir()/features``), so repeated runs on the same images skip the tower entirely.
 """
@@ -35,6 +36,7 @@ def cache_key(model, transform_desc: dict) -> str:
         "vision": cfg.vision_config.to_dict(),
         "image_size": model.facts.image_size,
         "layers": model.connector.feature_layers(),
+        "prepare": model.connector.prepare_signature(),
         "strategy": cfg.vision_feature_select_strategy,
         "transform": transform_desc,
         # A cheap fingerprint of the weights: the same config with other weights must not share a cache.

@@ -1,0 +1,137 @@
+"""``vlweave compare CONFIG... --seeds N``: apples-to-apples connector comparisons.
+
+Every configuration is trained with the same data, steps and seeds, and evaluated on the same questions (the first
+configuration's ``eval`` section, a fixed seeded subset).  Output: a table of mean +- std per configuration and
+question group, ``compare.json`` with every number (per seed too) and ``compare.png`` (bar chart with std error
+bars).  A new connector joins a comparison by config alone.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from vlweave.config import RunConfig
+from vlweave.data.easyvqa import question_type
+from vlweave.eval.runner import evaluate, load_eval_questions
+from vlweave.presets import preset_path
+from vlweave.train.trainer import Trainer
+
+console = Console(stderr=True)
+
+
+def _group_key(questions: list[dict[str, Any]]) -> str | None:
+    """Group results by the questions' own category field when they have one (``type`` for easy-vqa)."""
+    for key in ("category", "type", "domain"):
+        if all(key in q for q in questions):
+            return key
+    return None
+
+
+def run_one(cfg: RunConfig, questions: list[dict[str, Any]], run_dir: Path, progress: bool) -> dict[str, Any]:
+    cfg.train.output_dir = str(run_dir)
+    t0 = time.time()
+    trainer = Trainer(cfg, progress=progress)
+    trainer.train()
+    t1 = time.time()
+    key = _group_key(questions)
+    report = evaluate(trainer.model, trainer.tokenizer, questions, out_dir=run_dir, batch_size=cfg.eval.batch_size,
+                      max_new_tokens=cfg.eval.max_new_tokens, prompt_suffix=cfg.eval.prompt_suffix,
+                      group_key=key, progress=progress, bf16=cfg.train.bf16)
+    groups = {k: v["accuracy"] for k, v in report.get(f"by_{key}", {}).items()} if key else {}
+    return {"accuracy": report["accuracy"], "groups": groups, "train_seconds": t1 - t0,
+            "eval_seconds": report["eval_seconds"], "visual_tokens": trainer.model.num_image_tokens}
+
+
+def compare(configs: list[str], seeds: list[int], out_dir: str | Path, overrides: list[str] | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfgs = {name: RunConfig.load(preset_path(name), overrides or []) for name in configs}  # fail early on a bad one
+    first = next(iter(cfgs.values()))
+    questions = load_eval_questions(first.eval.data, first.eval.image_folder, first.eval.limit, first.eval.subset_seed)
+    if first.eval.data.startswith("easy-vqa:"):
+        for q in questions:
+            q["type"] = question_type(q["answer"])
+    results: dict[str, Any] = {"configs": configs, "seeds": seeds, "n_questions": len(questions),
+                               "eval_data": first.eval.data, "runs": {}}
+    for name in configs:
+        results["runs"][name] = {}
+        for seed in seeds:
+            cfg = RunConfig.load(preset_path(name), (overrides or []) + [f"train.seed={seed}"])
+            console.print(f"[bold]compare[/bold] {name} seed {seed}")
+            r = run_one(cfg, questions, out / f"{Path(name).stem}-seed{seed}", progress)
+            results["runs"][name][str(seed)] = r
+            console.print(f"  accuracy {r['accuracy']:.3f} ({r['train_seconds']:.0f}s train)")
+            (out / "compare.json").write_text(json.dumps(summarise(results), indent=2))
+    results = summarise(results)
+    (out / "compare.json").write_text(json.dumps(results, indent=2))
+    print_table(results)
+    plot(results, out / "compare.png")
+    return results
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    summary = {}
+    for name, by_seed in results["runs"].items():
+        runs = list(by_seed.values())
+        if not runs:
+            continue
+        groups = sorted({g for r in runs for g in r["groups"]})
+        summary[name] = {"accuracy": _mean_std([r["accuracy"] for r in runs]),
+                         "groups": {g: _mean_std([r["groups"][g] for r in runs if g in r["groups"]]) for g in groups},
+                         "train_seconds": _mean_std([r["train_seconds"] for r in runs]),
+                         "visual_tokens": runs[0]["visual_tokens"]}
+    return {**results, "summary": summary}
+
+
+def print_table(results: dict[str, Any]) -> None:
+    summary = results["summary"]
+    groups = sorted({g for s in summary.values() for g in s["groups"]})
+    table = Table(title=f"compare: {results['n_questions']} questions of {results['eval_data']}, "
+                        f"seeds {results['seeds']} (mean +- std)")
+    for col in ["config", "tokens", "accuracy", *groups, "train s"]:
+        table.add_column(col, justify="left" if col == "config" else "right")
+    fmt = lambda m: f"{m['mean']:.3f} +- {m['std']:.3f}"  # noqa: E731
+    for name, s in summary.items():
+        table.add_row(name, str(s["visual_tokens"]), fmt(s["accuracy"]),
+                      *[fmt(s["groups"][g]) if g in s["groups"] else "-" for g in groups],
+                      f"{s['train_seconds']['mean']:.0f}")
+    Console().print(table)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = results["summary"]
+    groups = ["accuracy"] + sorted({g for s in summary.values() for g in s["groups"]})
+    names = list(summary)
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(names)) / 2), 4))
+    for i, name in enumerate(names):
+        s = summary[name]
+        stats = [s["accuracy"]] + [s["groups"].get(g, {"mean": 0.0, "std": 0.0}) for g in groups[1:]]
+        xs = [j + i * width for j in range(len(groups))]
+        ax.bar(xs, [m["mean"] for m in stats], width, yerr=[m["std"] for m in stats], capsize=3, label=name)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(groups))], groups)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (mean +- std over seeds)")
+    ax.set_title(f"{results['eval_data']}: {results['n_questions']} questions, seeds {results['seeds']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

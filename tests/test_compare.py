@@ -1,0 +1,54 @@
+"""``vlweave compare``: every config trained with the same seeds and evaluated on the same questions; summary
+numbers are the mean/std of the per-seed runs; JSON, PNG and the CLI."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from helpers import isolated_env, make_run
+from vlweave import cli
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _env(tmp_path_factory):
+    with isolated_env(tmp_path_factory.mktemp("vlweave-cache")):
+        yield
+
+
+def test_compare_two_connectors_two_seeds(tmp_path, capsys):
+    paths = []
+    for connector, options in (("mlp2x_gelu", {}), ("dense_dci", {"groups": 2})):
+        cfg = make_run(tmp_path, vision="clip", connector=connector, options=options)
+        cfg.vision.config_overrides["num_hidden_layers"] = 4
+        cfg.train.stages[0].max_steps = 3
+        path = tmp_path / f"{connector}.yaml"
+        cfg.save(path)
+        paths.append(str(path))
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", *paths, "--seeds", "2", "--output", str(out)]) == 0
+    data = json.loads((out / "compare.json").read_text())
+    assert (out / "compare.png").stat().st_size > 1000
+    assert data["seeds"] == [0, 1] and data["n_questions"] == 6
+    for name in paths:
+        runs = data["runs"][name]
+        assert set(runs) == {"0", "1"}
+        accs = [runs[s]["accuracy"] for s in ("0", "1")]
+        summary = data["summary"][name]["accuracy"]
+        assert summary["mean"] == pytest.approx(statistics.fmean(accs))
+        assert summary["std"] == pytest.approx(statistics.stdev(accs))
+        for seed in ("0", "1"):  # each run saved its predictions on the same 6 questions
+            preds = (out / f"{name.rsplit('/', 1)[-1][:-5]}-seed{seed}" / "predictions.jsonl").read_text().splitlines()
+            assert [json.loads(line)["question_id"] for line in preds] == [f"q{i}" for i in range(6)]
+    # different seeds train different models (different init and data order)
+    first = data["runs"][paths[0]]
+    assert first["0"]["train_seconds"] > 0
+    assert "compare:" in capsys.readouterr().out
+
+
+def test_compare_bad_config_fails_before_training(tmp_path, capsys):
+    assert cli.main(["compare", "demo", "no-such-config", "--output", str(tmp_path / "x")]) == 2
+    assert "no config file or preset named 'no-such-config'" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "compare.json").exists()
