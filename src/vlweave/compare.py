@@ -34,12 +34,26 @@ def _group_key(questions: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def run_one(cfg: RunConfig, questions: list[dict[str, Any]], run_dir: Path, progress: bool) -> dict[str, Any]:
+def run_one(cfg: RunConfig, questions: list[dict[str, Any]] | None, run_dir: Path, progress: bool) -> dict[str, Any]:
+    """Train one config and evaluate it: on ``questions`` (exact match), or, with ``questions=None``, on the
+    embedded multi-domain benchmark with its exact scorers (groups = ``domain/format``)."""
     cfg.train.output_dir = str(run_dir)
     t0 = time.time()
     trainer = Trainer(cfg, progress=progress)
     trainer.train()
     t1 = time.time()
+    if questions is None:
+        from vlweave import assets
+        from vlweave.eval.suite import evaluate_suite
+
+        t2 = time.time()
+        suite = evaluate_suite(trainer.model, trainer.tokenizer, assets.pull("synthetic"),
+                               limit_per_domain=cfg.eval.limit, batch_size=cfg.eval.batch_size,
+                               max_new_tokens=cfg.eval.max_new_tokens, out_dir=run_dir, progress=progress)
+        groups = {f"{d}/{f}": v for d, by_f in suite["scores"].items() for f, v in by_f.items()}
+        groups |= {f"all/{f}": v for f, v in suite["overall"].items()}
+        return {"accuracy": suite["mean"], "groups": groups, "train_seconds": t1 - t0,
+                "eval_seconds": time.time() - t2, "visual_tokens": trainer.model.num_image_tokens}
     key = _group_key(questions)
     report = evaluate(trainer.model, trainer.tokenizer, questions, out_dir=run_dir, batch_size=cfg.eval.batch_size,
                       max_new_tokens=cfg.eval.max_new_tokens, prompt_suffix=cfg.eval.prompt_suffix,
@@ -55,15 +69,19 @@ def compare(configs: list[str], seeds: list[int], out_dir: str | Path, overrides
     out.mkdir(parents=True, exist_ok=True)
     cfgs = {name: RunConfig.load(preset_path(name), overrides or []) for name in configs}  # fail early on a bad one
     first = next(iter(cfgs.values()))
-    questions = load_eval_questions(first.eval.data, first.eval.image_folder, first.eval.limit, first.eval.subset_seed)
-    if first.eval.data.startswith("easy-vqa:"):
+    questions = None  # eval.data "synthetic": the embedded benchmark's three formats, scored exactly
+    if first.eval.data != "synthetic":
+        questions = load_eval_questions(first.eval.data, first.eval.image_folder, first.eval.limit,
+                                        first.eval.subset_seed)
+    if questions is not None and first.eval.data.startswith("easy-vqa:"):
         for q in questions:
             q["type"] = question_type(q["answer"])
-    results: dict[str, Any] = {"configs": configs, "seeds": seeds, "n_questions": len(questions),
+    n_questions = len(questions) if questions is not None else "all"
+    results: dict[str, Any] = {"configs": configs, "seeds": seeds, "n_questions": n_questions,
                                "eval_data": first.eval.data, "runs": {}}
-    for name in configs:
-        results["runs"][name] = {}
-        for seed in seeds:
+    results["runs"] = {name: {} for name in configs}
+    for seed in seeds:  # seeds outermost: an interrupted comparison still has every config at the same seeds
+        for name in configs:
             cfg = RunConfig.load(preset_path(name), (overrides or []) + [f"train.seed={seed}"])
             console.print(f"[bold]compare[/bold] {name} seed {seed}")
             r = run_one(cfg, questions, out / f"{Path(name).stem}-seed{seed}", progress)

@@ -1,0 +1,88 @@
+"""Evaluate a model on the embedded multi-domain benchmark (asset ``synthetic``) with the exact scorers.
+
+Three test files, each scored by the scorer of the benchmark it imitates: yes/no -> POPE (LLaVA parser; accuracy,
+F1, yes-ratio), multiple choice with every circular rotation -> MMBench circular accuracy (rule-based choice
+extraction), short answer -> VQAv2 10-answer accuracy (official normalisation).  Scores are per domain (scenes,
+documents, charts) and format; every number is recorded with its scorer and parser.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from vlweave.data.llava_json import load_questions
+from vlweave.eval.benchmarks import registry
+from vlweave.eval.vqa import generate_answers
+from vlweave.train.trainer import make_transform, transform_desc
+from vlweave.vision.cache import FeatureStore
+
+# format -> (file, benchmark whose scorer is used, headline metric path)
+FORMATS = {
+    "yesno": ("test_yesno.jsonl", "pope", ("pooled", "accuracy")),
+    "mc": ("test_mc.jsonl", "mmbench", ("accuracy",)),
+    "short": ("test_short.jsonl", "vqav2", ("accuracy",)),
+}
+
+
+def load_suite(folder: str | Path, limit_per_domain: int | None = None, seed: int = 0) -> dict[str, list[dict]]:
+    """Questions per format; ``limit_per_domain`` keeps a seeded subset of questions (all rotations of a kept
+    multiple-choice question stay together)."""
+    folder = Path(folder)
+    out = {}
+    for fmt, (name, _, _) in FORMATS.items():
+        qs = load_questions(folder / name, folder)
+        if limit_per_domain is not None:
+            key = (lambda q: q.get("circular_group", q.get("index"))) if fmt == "mc" else (lambda q: q["question_id"])
+            by_domain: dict[str, list] = defaultdict(list)
+            for k in dict.fromkeys(key(q) for q in qs):
+                by_domain[next(q["domain"] for q in qs if key(q) == k)].append(k)
+            keep = set()
+            for domain, keys in sorted(by_domain.items()):
+                keep |= set(random.Random(f"{seed}-{fmt}-{domain}").sample(keys, min(limit_per_domain, len(keys))))
+            qs = [q for q in qs if key(q) in keep]
+        out[fmt] = qs
+    return out
+
+
+def _get(metrics: dict[str, Any], path: tuple[str, ...]) -> float:
+    for part in path:
+        metrics = metrics[part]
+    return float(metrics)  # type: ignore[arg-type]
+
+
+def evaluate_suite(model, tokenizer, folder: str | Path, *, limit_per_domain: int | None = None,
+                   batch_size: int = 32, max_new_tokens: int = 8, out_dir: str | Path | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Generate greedy answers for every test question and score per domain and format."""
+    suite = load_suite(folder, limit_per_domain)
+    store = None
+    if not any(p.requires_grad for p in model.vision_tower.parameters()):
+        store = FeatureStore(model, make_transform(model), transform_desc=transform_desc(model))
+    scores: dict[str, dict[str, Any]] = defaultdict(dict)
+    details: dict[str, Any] = {}
+    for fmt, questions in suite.items():
+        _, bench, headline = FORMATS[fmt]
+        # The test texts already end with the benchmark's prompt suffix.
+        answers = generate_answers(model, tokenizer, questions, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                   store=store, progress=progress)
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(out_dir) / f"predictions_{fmt}.jsonl", "w") as fh:
+                for q, a in zip(questions, answers):
+                    fh.write(json.dumps({"question_id": q["question_id"], "prediction": a, "answer": q["answer"]}) + "\n")
+        for domain in sorted({q["domain"] for q in questions}):
+            idx = [i for i, q in enumerate(questions) if q["domain"] == domain]
+            result = registry.score_benchmark(bench, [answers[i] for i in idx], [questions[i] for i in idx])
+            scores[domain][fmt] = _get(result["metrics"], headline)
+            details[f"{domain}/{fmt}"] = {k: result[k] for k in ("benchmark", "prompt_suffix", "parser",
+                                                                 "headline_metric")} | {"n": len(idx)}
+    overall = {fmt: sum(scores[d][fmt] for d in scores) / len(scores) for fmt in FORMATS}
+    report = {"scores": dict(scores), "overall": overall, "mean": sum(overall.values()) / len(overall),
+              "how": details}
+    if out_dir is not None:
+        (Path(out_dir) / "suite_metrics.json").write_text(json.dumps(report, indent=2))
+    return report
