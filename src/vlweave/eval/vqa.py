@@ -17,8 +17,8 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from vlweave.train.trainer import bf16_available
-from vlweave.processing import ImageTransform, encode_prompt
+from vlweave.train.trainer import bf16_available, make_transform
+from vlweave.processing import encode_prompt
 from vlweave.vision.cache import FeatureStore, load_image
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -62,7 +62,7 @@ def generate_answers(
     cfg = model.config
     template = template or cfg.chat_template_name
     system_prompt = cfg.system_prompt if system_prompt is None else system_prompt
-    transform = ImageTransform(model.facts.image_size, cfg.image_mean, cfg.image_std, aspect=cfg.image_aspect)
+    transform = make_transform(model)
     prompts = []
     for q in questions:
         text = q["text"] + prompt_suffix

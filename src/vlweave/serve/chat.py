@@ -11,13 +11,9 @@ from typing import Any
 import torch
 
 from vlweave.eval.vqa import stop_token_ids
-from vlweave.processing import ImageTransform, encode_prompt
+from vlweave.processing import encode_prompt
+from vlweave.train.trainer import make_transform
 from vlweave.vision.cache import load_image
-
-
-def image_transform(model) -> ImageTransform:
-    c = model.config
-    return ImageTransform(model.facts.image_size, c.image_mean, c.image_std, aspect=c.image_aspect)
 
 
 def load_video_tensor(model, path: str, num_frames: int = 8) -> torch.Tensor:
@@ -25,7 +21,7 @@ def load_video_tensor(model, path: str, num_frames: int = 8) -> torch.Tensor:
     from vlweave.data.video import read_video_frames
 
     model.check_video_fits(num_frames)
-    transform = image_transform(model)
+    transform = make_transform(model)
     return torch.stack([transform(f) for f in read_video_frames(path, num_frames)]).unsqueeze(0)
 
 
@@ -43,7 +39,7 @@ class ChatSession:
         self.pixel_values_videos = None
         self.num_visual_tokens = model.num_image_tokens
         if image:
-            self.pixel_values = image_transform(model)(load_image(image)).unsqueeze(0)
+            self.pixel_values = make_transform(model)(load_image(image)).unsqueeze(0)
         if video:
             self.pixel_values_videos = load_video_tensor(model, video, num_frames)
             self.num_visual_tokens = model.num_video_tokens(num_frames)
