@@ -148,9 +148,9 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel):
         """The connector's prepared input (selected hidden states after its parameter-free ``prepare``: pooling,
         multi-layer fusion); this is what the frozen-feature cache stores."""
         frozen = not any(p.requires_grad for p in self.vision_tower.parameters())
-        dtype = next(self.vision_tower.parameters()).dtype
+        first = next(self.vision_tower.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            hs = run_tower(self.vision_tower, pixel_values.to(dtype), self.facts)
+            hs = run_tower(self.vision_tower, pixel_values.to(device=first.device, dtype=first.dtype), self.facts)
             selected = select_features(
                 hs, self.connector.feature_layers(), self.config.vision_feature_select_strategy, self.facts
             )

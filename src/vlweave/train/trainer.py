@@ -296,7 +296,7 @@ class Trainer:
             t_step = time.time()
             loss_sum, n_tok = 0.0, 0
             for k in range(stage.grad_accum):
-                batch = self.collate([examples[i] for i in mbs[step * stage.grad_accum + k]])
+                batch = _to_device(self.collate([examples[i] for i in mbs[step * stage.grad_accum + k]]), acc.device)
                 with acc.autocast():
                     out = model(**batch)
                 acc.backward(out.loss / stage.grad_accum)
@@ -350,6 +350,18 @@ class Trainer:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move a collated batch (tensors, or lists of per-layer feature tensors) to the training device."""
+    def move(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.to(device, non_blocking=True)
+        if isinstance(v, list):
+            return [move(x) for x in v]
+        return v
+
+    return {k: move(v) for k, v in batch.items()}
 
 
 def bf16_available() -> bool:

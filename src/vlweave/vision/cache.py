@@ -104,7 +104,7 @@ class FeatureStore:
             pixels = torch.stack([self.transform(load_image(p)) for p in chunk])
             feats = self.model.vision_features(pixels)
             for i, p in enumerate(chunk):
-                self._feats[p] = [f[i].to(self.dtype).clone() for f in feats]
+                self._feats[p] = [f[i].to(device="cpu", dtype=self.dtype).clone() for f in feats]  # cache lives in host RAM
             bar.update(len(chunk))
         bar.close()
         self._dirty = True
