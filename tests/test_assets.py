@@ -280,6 +280,10 @@ def test_easy_vqa_files():
     train_rows = (folder / "train_qa.jsonl").read_text().splitlines()
     assert json.loads(train_rows[0]) == {"question_id": "train-0", "image": "images/train/0.png",
                                          "text": "what is the blue shape?", "answer": "rectangle"}
+    # The yes/no-balanced training file: 10,298 yes/no (5,149 each) + all 10,168 colour/shape questions.
+    balanced = json.loads((folder / "train_balanced.json").read_text())
+    answers = [r["conversations"][1]["value"] for r in balanced]
+    assert len(balanced) == 20466 and answers.count("yes") == answers.count("no") == 5149
 
 
 @pytest.mark.slow

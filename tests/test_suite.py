@@ -66,6 +66,8 @@ def test_scores_gold_and_always_yes(folder, tmp_path, monkeypatch):
         assert report["scores"][domain]["yesno"] == pytest.approx(share)
         # always "A": right on exactly one rotation of four, so never right circularly
         assert report["scores"][domain]["mc"] == 0.0
+        assert report["scores"][domain]["mc_copy"] == pytest.approx(0.25)  # ...but right on 1 of 4 copies
+    assert report["mean"] == pytest.approx(sum(report["overall"][f] for f in ("yesno", "mc", "short")) / 3)
 
 
 def test_compare_on_the_embedded_benchmark(tmp_path):

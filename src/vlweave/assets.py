@@ -124,7 +124,7 @@ _RECIPE_VERSION: dict[str, int] = {
     "dinov2-small": 1,
     "smollm2-135m-instruct": 1,
     "efficientnet-lite0": 1,
-    "easy-vqa": 2,  # 2: + {split}_single.json, train_captions.json
+    "easy-vqa": 3,  # 2: + {split}_single.json, train_captions.json; 3: + train_balanced.json
     "synthetic": 1,  # versioned by vlweave.data.synthetic.VERSION (part of its folder hash)
 }
 

@@ -52,7 +52,7 @@ def run_demo(overrides: list[str] | None = None, output_dir: str | None = None, 
                       group_key="type", progress=progress, bf16=cfg.train.bf16)
     t_eval = time.time() - t2
     train_q = load_questions(assets.pull("easy-vqa") / "train_qa.jsonl", assets.pull("easy-vqa"), check_images=False)
-    baselines = majority_baselines(train_q, questions, question_template)
+    baselines = majority_baselines(train_q, questions, question_template, group_fn=lambda q: q["type"])
     report.pop("answers")
     result = {
         "accuracy": report["accuracy"],
@@ -78,8 +78,10 @@ def print_table(result: dict[str, Any]) -> None:
                       ("majority per template (blind)", result["baselines"]["majority_per_template"])):
         table.add_row(name, f"{acc:.3f}")
     table.add_row(f"[bold]vlweave {result.get('config', 'demo')}[/bold]", f"[bold]{result['accuracy']:.3f}[/bold]")
+    blind = result["baselines"].get("majority_per_template_by_group", {})
     for qtype, r in result["by_type"].items():
-        table.add_row(f"  {qtype} questions ({r['n']})", f"{r['accuracy']:.3f}")
+        b = f" (blind {blind[qtype]:.3f})" if qtype in blind else ""
+        table.add_row(f"  {qtype} questions ({r['n']}){b}", f"{r['accuracy']:.3f}")
     Console().print(table)
     s = result["seconds"]
     Console().print(f"time: assets {s['assets']:.0f}s, train {s['train']:.0f}s, eval {s['eval']:.0f}s, "

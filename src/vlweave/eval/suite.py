@@ -78,10 +78,14 @@ def evaluate_suite(model, tokenizer, folder: str | Path, *, limit_per_domain: in
             idx = [i for i, q in enumerate(questions) if q["domain"] == domain]
             result = registry.score_benchmark(bench, [answers[i] for i in idx], [questions[i] for i in idx])
             scores[domain][fmt] = _get(result["metrics"], headline)
+            if fmt == "mc":  # per-copy (not circular) accuracy: shows a letter bias that circular scoring hides
+                scores[domain]["mc_copy"] = float(result["metrics"]["copy_accuracy"])
             details[f"{domain}/{fmt}"] = {k: result[k] for k in ("benchmark", "prompt_suffix", "parser",
                                                                  "headline_metric")} | {"n": len(idx)}
-    overall = {fmt: sum(scores[d][fmt] for d in scores) / len(scores) for fmt in FORMATS}
-    report = {"scores": dict(scores), "overall": overall, "mean": sum(overall.values()) / len(overall),
+    keys = dict.fromkeys(k for by_fmt in scores.values() for k in by_fmt)
+    overall = {k: sum(scores[d][k] for d in scores) / len(scores) for k in keys}
+    headline = [overall[fmt] for fmt in FORMATS]  # the mean counts each format once (mc = circular)
+    report = {"scores": dict(scores), "overall": overall, "mean": sum(headline) / len(headline),
               "how": details}
     if out_dir is not None:
         (Path(out_dir) / "suite_metrics.json").write_text(json.dumps(report, indent=2))

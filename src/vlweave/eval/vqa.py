@@ -12,9 +12,10 @@ import re
 import string
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from vlweave.train.trainer import bf16_available, make_transform
@@ -30,6 +31,21 @@ def normalize_answer(text: str) -> str:
     text = text.lower().translate(_PUNCT)
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
+
+
+def _has_image(question: dict[str, Any]) -> bool:
+    image = question.get("image")
+    return image is not None and not (isinstance(image, str) and not image)
+
+
+def open_image(source: str | Image.Image | Callable[[], Image.Image]) -> Image.Image:
+    """A question's image: a file path, a PIL image, or a zero-argument callable returning one (decoded lazily,
+    e.g. MMBench's base64 images)."""
+    if isinstance(source, str):
+        return load_image(source)
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    return source().convert("RGB")
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -57,7 +73,8 @@ def generate_answers(
     progress: bool = True,
     bf16: bool = False,
 ) -> list[str]:
-    """Greedy answers for ``questions`` (dicts with ``text`` and optional absolute ``image`` path)."""
+    """Greedy answers for ``questions`` (dicts with ``text`` and an optional ``image``: an absolute path, a PIL
+    image or a callable returning one; only paths go through the feature ``store``)."""
     model.eval()
     cfg = model.config
     template = template or cfg.chat_template_name
@@ -66,13 +83,13 @@ def generate_answers(
     prompts = []
     for q in questions:
         text = q["text"] + prompt_suffix
-        has_image = bool(q.get("image"))
+        has_image = _has_image(q)
         conv = [{"from": "human", "value": ("<image>\n" + text) if has_image else text}]
         prompts.append(encode_prompt(conv, tokenizer, template, image_token_id=cfg.image_token_id if has_image else None,
                                      num_image_tokens=model.num_image_tokens, system_prompt=system_prompt,
                                      sample_id=str(q.get("question_id", "?"))))
     if store is not None:
-        store.ensure([q["image"] for q in questions if q.get("image")], progress)
+        store.ensure([q["image"] for q in questions if _has_image(q) and isinstance(q["image"], str)], progress)
     order = sorted(range(len(questions)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(questions)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -88,13 +105,13 @@ def generate_answers(
             p = prompts[i]
             ids[r, width - len(p):] = torch.tensor(p)
             mask[r, width - len(p):] = 1
-        images = [questions[i]["image"] for i in idx if questions[i].get("image")]
+        images = [questions[i]["image"] for i in idx if _has_image(questions[i])]
         kwargs: dict[str, Any] = {}
         if images:
-            if store is not None:
+            if store is not None and all(isinstance(p, str) for p in images):
                 kwargs["vision_features"] = [f.to(device) for f in store.batch(images)]
             else:
-                kwargs["pixel_values"] = torch.stack([transform(load_image(p)) for p in images]).to(device)
+                kwargs["pixel_values"] = torch.stack([transform(open_image(p)) for p in images]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and bf16_available()):
             out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=stops, pad_token_id=pad_id, **kwargs)
@@ -126,17 +143,25 @@ def save_predictions(path: str | Path, questions: Sequence[dict[str, Any]], answ
             fh.write(json.dumps(row) + "\n")
 
 
-def majority_baselines(train: Sequence[dict[str, Any]], test: Sequence[dict[str, Any]], template_fn) -> dict[str, float]:
+def majority_baselines(train: Sequence[dict[str, Any]], test: Sequence[dict[str, Any]], template_fn,
+                       group_fn=None) -> dict[str, Any]:
     """Blind baselines on ``test``: the overall majority answer and the majority answer per question template,
-    both learned from ``train``."""
+    both learned from ``train``; with ``group_fn`` also the per-template baseline within each group (e.g. question
+    type), which shows whether a model's score on a group is more than the wording alone gives."""
     overall = Counter(normalize_answer(q["answer"]) for q in train).most_common(1)[0][0]
     per_t: dict[str, Counter] = defaultdict(Counter)
     for q in train:
         per_t[template_fn(q["text"])][normalize_answer(q["answer"])] += 1
     maj = {t: c.most_common(1)[0][0] for t, c in per_t.items()}
     n = max(1, len(test))
-    return {
+    blind_right = [normalize_answer(q["answer"]) == maj.get(template_fn(q["text"]), overall) for q in test]
+    out: dict[str, Any] = {
         "majority": sum(normalize_answer(q["answer"]) == overall for q in test) / n,
-        "majority_per_template": sum(normalize_answer(q["answer"]) == maj.get(template_fn(q["text"]), overall)
-                                     for q in test) / n,
+        "majority_per_template": sum(blind_right) / n,
     }
+    if group_fn is not None:
+        by_group: dict[str, list[bool]] = defaultdict(list)
+        for q, ok in zip(test, blind_right):
+            by_group[group_fn(q)].append(ok)
+        out["majority_per_template_by_group"] = {g: sum(v) / len(v) for g, v in by_group.items()}
+    return out
