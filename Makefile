@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vlweave-installed
 
-.PHONY: env demo test test-fast bench assets clean
+.PHONY: env demo test test-fast test-lmms bench assets clean
 
 env: $(STAMP)
 
@@ -26,6 +26,25 @@ test: env
 
 test-fast: env
 	$(PY) -m pytest -q -m "not slow"
+
+# The lmms-eval plugin against the real lmms-eval, in a separate venv (not part of `make test`; docs/eval.md).
+# lmms-eval's newest torchvision wants a newer (CUDA) torch: a constraint keeps the CPU 2.13.0 build, and
+# torchvision is removed again afterwards (vlweave does not use it).
+LMMS_VENV ?= /tmp/lmms-venv
+LMMS_PY := $(LMMS_VENV)/bin/python
+LMMS_STAMP := $(LMMS_VENV)/.vlweave-lmms-installed
+
+$(LMMS_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(LMMS_VENV)
+	echo "torch==2.13.0" > $(LMMS_VENV)/constraints.txt
+	$(LMMS_PY) -m pip install -q torch==2.13.0
+	$(LMMS_PY) -m pip install -q -c $(LMMS_VENV)/constraints.txt "lmms-eval==0.7.3"
+	$(LMMS_PY) -m pip uninstall -q -y torchvision
+	$(LMMS_PY) -m pip install -q -c $(LMMS_VENV)/constraints.txt -e ".[test]"
+	touch $(LMMS_STAMP)
+
+test-lmms: $(LMMS_STAMP)
+	HF_HUB_OFFLINE=1 $(LMMS_PY) -m pytest -q tests/test_lmms_eval_plugin.py
 
 bench: env
 	$(PY) bench/bench_llava.py

@@ -73,15 +73,46 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vlweave.builder import load_checkpoint
     from vlweave.eval.runner import evaluate, load_eval_questions
 
+    if args.benchmark is not None:
+        return _cmd_eval_benchmark(args)
+    if args.annotations is not None or args.split is not None or args.parser is not None:
+        raise ValueError("--annotations, --split and --parser need --benchmark")
     # The question file first: a bad record is reported before the (slow) model load.
     questions = load_eval_questions(args.data, args.image_folder, args.limit, args.subset_seed)
     model, tokenizer = load_checkpoint(args.checkpoint)
     out_dir = args.output or str(Path(args.checkpoint) / "eval")
+    max_new_tokens = 16 if args.max_new_tokens is None else args.max_new_tokens
     report = evaluate(model, tokenizer, questions, out_dir=out_dir, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, prompt_suffix=args.prompt_suffix, bf16=args.bf16)
+                      max_new_tokens=max_new_tokens, prompt_suffix=args.prompt_suffix, bf16=args.bf16)
     report.pop("answers")
     print(json.dumps(report, indent=2))
     print(f"predictions: {Path(out_dir) / 'predictions.jsonl'}", file=sys.stderr)
+    return 0
+
+
+def _cmd_eval_benchmark(args: argparse.Namespace) -> int:
+    from vlweave.builder import load_checkpoint
+    from vlweave.eval.benchmark_run import DEFAULT_MAX_NEW_TOKENS, run_benchmark
+    from vlweave.eval.benchmarks.inputs import load_benchmark
+    from vlweave.eval.benchmarks.registry import get_benchmark
+
+    if args.prompt_suffix or args.subset_seed is not None:
+        raise ValueError("--prompt-suffix and --subset-seed do not apply with --benchmark (the benchmark's own "
+                         "prompt convention is used; --limit takes the first N questions)")
+    get_benchmark(args.benchmark).describe(parser=args.parser)  # unknown benchmark / parser: fail before any work
+    # The benchmark files first: a bad record is reported before the (slow) model load.
+    inputs = load_benchmark(args.benchmark, args.data, image_folder=args.image_folder,
+                            annotations=args.annotations, split=args.split, limit=args.limit)
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    out_dir = Path(args.output or Path(args.checkpoint) / "eval" / args.benchmark)
+    max_new_tokens = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+    report = run_benchmark(model, tokenizer, inputs, out_dir=out_dir, parser=args.parser,
+                           checkpoint=str(args.checkpoint), batch_size=args.batch_size,
+                           max_new_tokens=max_new_tokens, bf16=args.bf16)
+    print(json.dumps({k: v for k, v in report.items() if k != "model"}, indent=2, default=str))
+    if not report["scored"]:
+        print(f"not scored: {report['unscored_reason']}", file=sys.stderr)
+    print(f"predictions: {out_dir / 'predictions.jsonl'}, metrics: {out_dir / 'metrics.json'}", file=sys.stderr)
     return 0
 
 
@@ -105,6 +136,23 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             break
         print("assistant>", session.ask(text))
     return 0
+
+
+def _benchmark_names() -> list[str]:
+    from vlweave.eval.benchmarks.registry import SCORERS
+
+    return list(SCORERS)
+
+
+def _benchmark_epilog() -> str:
+    import textwrap
+
+    from vlweave.eval.benchmarks.inputs import DATA_LAYOUTS
+
+    lines = ["--data layout per --benchmark:"]
+    for name, layout in DATA_LAYOUTS.items():
+        lines.append(textwrap.fill(layout, width=100, initial_indent=f"  {name}: ", subsequent_indent="      "))
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,17 +187,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", help="run folder or checkpoint to continue exactly")
     t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser("eval", help="greedy VQA evaluation of a checkpoint on a question file")
+    e = sub.add_parser("eval", help="greedy evaluation of a checkpoint on a question file or a released benchmark",
+                       description="Greedy evaluation of a checkpoint. Without --benchmark: a question JSONL scored by "
+                                   "normalised exact match. With --benchmark: a released benchmark's files, LLaVA-1.5 "
+                                   "prompts (methods.md 0.8) and the benchmark's exact scorer.",
+                       epilog=_benchmark_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("checkpoint")
-    e.add_argument("--data", required=True, help="question JSONL ({question_id, image, text, answer}) or asset:file")
-    e.add_argument("--image-folder")
-    e.add_argument("--limit", type=int)
+    e.add_argument("--data", required=True,
+                   help="question JSONL ({question_id, image, text, answer}) or asset:file; with --benchmark: the "
+                        "benchmark's file or folder (layouts below)")
+    e.add_argument("--benchmark", metavar="NAME", help="score a released benchmark: " + ", ".join(_benchmark_names()))
+    e.add_argument("--image-folder", help="folder the records' image paths are relative to")
+    e.add_argument("--annotations", help="ground truth for --benchmark (POPE: folder of coco_pope_<split>.json; "
+                                         "ScienceQA: problems.json; VQAv2/TextVQA/GQA: annotation JSON)")
+    e.add_argument("--split", help="--benchmark split (recorded; POPE: keep one of adversarial/popular/random; "
+                                   "ScienceQA: the problems.json split, default test)")
+    e.add_argument("--parser", help="--benchmark answer parser (default: the one LLaVA-1.5's numbers used)")
+    e.add_argument("--limit", type=int, help="first N questions (with --benchmark: MMBench questions with all "
+                                             "their circular copies, MME images with both questions)")
     e.add_argument("--subset-seed", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--max-new-tokens", type=int, default=16)
+    e.add_argument("--max-new-tokens", type=int, default=None, help="default 16; with --benchmark 128 (LLaVA's)")
     e.add_argument("--prompt-suffix", default="")
     e.add_argument("--bf16", action="store_true")
-    e.add_argument("--output", help="folder for predictions.jsonl and eval_metrics.json")
+    e.add_argument("--output", help="folder for predictions.jsonl and eval_metrics.json (with --benchmark: "
+                                    "metrics.json; default CHECKPOINT/eval/NAME)")
     e.set_defaults(func=_cmd_eval)
 
     c = sub.add_parser("chat", help="chat about an image or a video (interactive without --prompt)")

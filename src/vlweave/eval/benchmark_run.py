@@ -1,0 +1,88 @@
+"""Run a checkpoint on a released benchmark: greedy answers for :func:`load_benchmark`'s prompts, scored with the
+registered scorer; predictions JSONL + a metrics JSON that says how every number was made.
+
+The metrics JSON is :func:`registry.score_benchmark`'s record (benchmark, split, prompt suffix, parser, headline,
+metrics) plus the model (checkpoint + its config), the generation settings and the files read.  Images go through
+the tower batch by batch (no feature cache: most benchmark images are seen once, and caching tens of thousands of
+images' features would not fit in memory).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from vlweave import __version__
+from vlweave.eval.benchmarks.inputs import BenchmarkInputs
+from vlweave.eval.benchmarks.registry import get_benchmark, score_benchmark
+from vlweave.eval.vqa import generate_answers
+
+# LLaVA's model_vqa_loader.py / model_vqa_mmbench.py default (methods.md §0.8).
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def _jsonable(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else str(value)
+
+
+def write_predictions(path: str | Path, inputs: BenchmarkInputs, answers: list[str]) -> None:
+    """One JSON line per question: ``question_id`` (MMBench: the row index), ``prompt``, ``prediction``, ``gold``
+    and ``image`` (the path; ``null`` for images decoded in memory)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for item, answer in zip(inputs.items, answers):
+            row = {"question_id": item.question_id, "prompt": item.prompt, "prediction": answer,
+                   "gold": _jsonable(item.gold), "image": item.image if isinstance(item.image, str) else None}
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_predictions(path: str | Path) -> dict[str, str]:
+    """``{str(question_id): prediction}`` from a predictions JSONL written by :func:`write_predictions`."""
+    out: dict[str, str] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out[str(row["question_id"])] = row["prediction"]
+    return out
+
+
+def run_benchmark(model, tokenizer, inputs: BenchmarkInputs, *, out_dir: str | Path, parser: str | None = None,
+                  checkpoint: str | None = None, batch_size: int = 32,
+                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, progress: bool = True,
+                  bf16: bool = False) -> dict[str, Any]:
+    """Generate, score and write ``predictions.jsonl`` and ``metrics.json`` under ``out_dir``; returns the metrics
+    record.  Without ground truth (``inputs.unscored_reason``) the record has ``scored: false`` and no metrics."""
+    spec = get_benchmark(inputs.benchmark)
+    described = spec.describe(split=inputs.split, parser=parser)  # validates the parser before generating
+    questions = [{"question_id": item.question_id, "text": item.prompt, "image": item.image}
+                 for item in inputs.items]
+    t0 = time.time()
+    answers = generate_answers(model, tokenizer, questions, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                               progress=progress, bf16=bf16)
+    seconds = time.time() - t0
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_predictions(out / "predictions.jsonl", inputs, answers)
+
+    if inputs.unscored_reason is None:
+        report = score_benchmark(inputs.benchmark, answers, inputs.records, split=inputs.split,
+                                 parser=described["parser"])
+        report["scored"] = True
+    else:
+        report = {**described, "headline_metric": spec.headline, "headline": None, "metrics": None,
+                  "scored": False, "unscored_reason": inputs.unscored_reason}
+    cfg = model.config
+    report.update({
+        "n": len(answers),
+        "data": inputs.sources,
+        "generation": {"decoding": "greedy", "temperature": 0, "max_new_tokens": max_new_tokens,
+                       "batch_size": batch_size, "padding": "left", "template": cfg.chat_template_name,
+                       "system_prompt": cfg.system_prompt, "image_placeholder": "<image>\\n before the question",
+                       "bf16": bf16},
+        "eval_seconds": seconds,
+        "model": {"checkpoint": checkpoint, "config": json.loads(cfg.to_json_string(use_diff=False))},
+        "vlweave_version": __version__,
+    })
+    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
+    return report
