@@ -190,6 +190,17 @@ def test_lora_only_on_language_model_modules(tmp_path):
         assert len([n for n, _ in model.named_parameters() if "lora_" in n]) == len(lora)
 
 
+def test_lora_on_the_top_layers_only(tmp_path):
+    torch.manual_seed(0)
+    model, _ = build_model(make_run(tmp_path, vision="dinov2"))  # tiny LM: 2 decoder layers
+    stage = StageConfig(name="ft", tune={"vision": "frozen", "connector": "frozen", "language": "lora"})
+    trainable = apply_tune_policy(model, stage, LoraConfig(r=4, alpha=8, top_layers=1))
+    assert trainable and all(".layers.1." in n and "lora_" in n for n in trainable)
+    assert len(trainable) == 7 * 2
+    with pytest.raises(ValueError, match="top_layers=0"):
+        apply_tune_policy(build_model(make_run(tmp_path, vision="dinov2"))[0], stage, LoraConfig(top_layers=0))
+
+
 def test_full_policy_trains_lm_weights(tmp_path):
     cfg = make_run(tmp_path, vision="siglip", language="qwen2", tokenizer="qwen", template="tokenizer",
                    stages=[finetune_stage("full", max_steps=2)])

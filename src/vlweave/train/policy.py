@@ -48,6 +48,8 @@ def apply_tune_policy(model: nn.Module, stage: StageConfig, lora: LoraConfig) ->
         names = [n for n, _ in model.named_modules() if re.fullmatch(target, n) and re.fullmatch(component_re, n)]
         if not names:
             raise ValueError(f"LoRA target regex {target!r} matches no module of {wants_lora}")
+        if lora.top_layers is not None:
+            names = _top_layers(names, lora.top_layers)
         cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=names)
         inject_adapter_in_model(cfg, model)
     for comp, attr in COMPONENTS.items():
@@ -57,6 +59,16 @@ def apply_tune_policy(model: nn.Module, stage: StageConfig, lora: LoraConfig) ->
             is_lora = "lora_" in name
             param.requires_grad = (policy == "full" and not is_lora) or (policy == "lora" and is_lora)
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _top_layers(names: list[str], top: int) -> list[str]:
+    """The LoRA targets inside the top ``top`` decoder layers (``...layers.<i>....``) of the language model."""
+    index = {n: int(m.group(1)) for n in names if (m := re.search(r"language_model\..*?\.layers\.(\d+)\.", n))}
+    if top < 1 or not index:
+        raise ValueError(f"lora.top_layers={top}: needs a positive count and LM targets inside numbered decoder "
+                         "layers (module names like language_model.model.layers.<i>.self_attn.q_proj)")
+    first = max(index.values()) + 1 - top
+    return [n for n in names if index.get(n, -1) >= first]
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
