@@ -10,6 +10,7 @@ is used.
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -86,8 +87,6 @@ def balance_yes_no(records: list[dict[str, Any]], seed: int = 0) -> list[dict[st
     majority answers as there are minority answers (seeded choice, original order kept) removes the shortcut;
     colour and shape questions are all kept. The test split is not touched.
     """
-    import random
-
     groups: dict[tuple[str, str], list[int]] = {}
     for i, rec in enumerate(records):
         question = rec["conversations"][0]["value"].replace("<image>", "").strip()
