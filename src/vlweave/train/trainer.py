@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import send_to_device
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -296,7 +297,8 @@ class Trainer:
             t_step = time.time()
             loss_sum, n_tok = 0.0, 0
             for k in range(stage.grad_accum):
-                batch = _to_device(self.collate([examples[i] for i in mbs[step * stage.grad_accum + k]]), acc.device)
+                batch = self.collate([examples[i] for i in mbs[step * stage.grad_accum + k]])
+                batch = send_to_device(batch, acc.device)  # nested per-layer feature lists included
                 with acc.autocast():
                     out = model(**batch)
                 acc.backward(out.loss / stage.grad_accum)
@@ -350,18 +352,6 @@ class Trainer:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move a collated batch (tensors, or lists of per-layer feature tensors) to the training device."""
-    def move(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return v.to(device, non_blocking=True)
-        if isinstance(v, list):
-            return [move(x) for x in v]
-        return v
-
-    return {k: move(v) for k, v in batch.items()}
 
 
 def bf16_available() -> bool:
