@@ -48,6 +48,19 @@ def open_image(source: str | Image.Image | Callable[[], Image.Image]) -> Image.I
     return source().convert("RGB")
 
 
+def encode_question(model, tokenizer, text: str, has_image: bool, *, template: str | None = None,
+                    system_prompt: str | None = None, sample_id: str = "?") -> list[int]:
+    """Generation-prompt token ids for one question: ``<image>`` (expanded to the connector's token count) in front
+    of the text when there is an image, in the checkpoint's chat template and system prompt unless overridden."""
+    cfg = model.config
+    conv = [{"from": "human", "value": ("<image>\n" + text) if has_image else text}]
+    return encode_prompt(conv, tokenizer, template or cfg.chat_template_name,
+                         image_token_id=cfg.image_token_id if has_image else None,
+                         num_image_tokens=model.num_image_tokens,
+                         system_prompt=cfg.system_prompt if system_prompt is None else system_prompt,
+                         sample_id=sample_id)
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     ids = {tokenizer.eos_token_id}
     for tok in ("<|im_end|>", "</s>", "<|endoftext|>", "<|eot_id|>"):
@@ -76,18 +89,10 @@ def generate_answers(
     """Greedy answers for ``questions`` (dicts with ``text`` and an optional ``image``: an absolute path, a PIL
     image or a callable returning one; only paths go through the feature ``store``)."""
     model.eval()
-    cfg = model.config
-    template = template or cfg.chat_template_name
-    system_prompt = cfg.system_prompt if system_prompt is None else system_prompt
     transform = make_transform(model)
-    prompts = []
-    for q in questions:
-        text = q["text"] + prompt_suffix
-        has_image = _has_image(q)
-        conv = [{"from": "human", "value": ("<image>\n" + text) if has_image else text}]
-        prompts.append(encode_prompt(conv, tokenizer, template, image_token_id=cfg.image_token_id if has_image else None,
-                                     num_image_tokens=model.num_image_tokens, system_prompt=system_prompt,
-                                     sample_id=str(q.get("question_id", "?"))))
+    prompts = [encode_question(model, tokenizer, q["text"] + prompt_suffix, _has_image(q), template=template,
+                               system_prompt=system_prompt, sample_id=str(q.get("question_id", "?")))
+               for q in questions]
     if store is not None:
         store.ensure([q["image"] for q in questions if _has_image(q) and isinstance(q["image"], str)], progress)
     order = sorted(range(len(questions)), key=lambda i: len(prompts[i]))

@@ -171,11 +171,9 @@ class VlweaveLMM:
 
     def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
         """``(log P(continuation | context, image), is_greedy)`` per request, in request order."""
-        from vlweave.eval.vqa import open_image
-        from vlweave.processing import encode_prompt
+        from vlweave.eval.vqa import encode_question, open_image
         from vlweave.train.trainer import make_transform
 
-        cfg = self.model.config
         transform = make_transform(self.model)
         encoded: list[tuple[list[int], list[int], Callable[[], Any] | None]] = []
         for request in requests:
@@ -183,12 +181,8 @@ class VlweaveLMM:
             if not isinstance(continuation, str):  # output_type loglikelihood: the task's doc_to_target
                 continuation = continuation(self.task_dict[task][split][doc_id])
             image = self._image(doc_to_visual, doc_id, task, split)
-            text = self._text(context, image is not None)
-            conv = [{"from": "human", "value": ("<image>\n" + text) if image is not None else text}]
-            prompt = encode_prompt(conv, self.tokenizer, cfg.chat_template_name,
-                                   image_token_id=cfg.image_token_id if image is not None else None,
-                                   num_image_tokens=self.model.num_image_tokens, system_prompt=cfg.system_prompt,
-                                   sample_id=f"{task}/{split}/{doc_id}")
+            prompt = encode_question(self.model, self.tokenizer, self._text(context, image is not None),
+                                     image is not None, sample_id=f"{task}/{split}/{doc_id}")
             cont = list(self.tokenizer(str(continuation), add_special_tokens=False)["input_ids"])
             encoded.append((prompt, cont, image))
 
