@@ -266,6 +266,22 @@ def test_pad_to_multiple_and_fixed_length():
         pad_batch(FEATURES, 0, max_length=2)
 
 
+def test_trim_unsupervised_tail():
+    feats = [{"input_ids": [1, 2, 3, 4, 5], "labels": [-100, -100, 3, 4, -100]},  # chat template's trailing newline
+             {"input_ids": [1, 7, 8], "labels": [-100, 7, 8]},
+             {"input_ids": [1, 9, 9], "labels": [-100, -100, -100]}]  # nothing supervised: kept whole
+    batch = pad_batch(feats, 0, trim_unsupervised_tail=True)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [1, 7, 8, 0], [1, 9, 9, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 3, 4], [-100, 7, 8, -100], [-100, -100, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0]]
+    # An image placeholder (id 9) after the last label is never cut: the image count must still match.
+    kept = pad_batch([{"input_ids": [1, 2, 9, 9, 5], "labels": [-100, 2, -100, -100, -100]}], 0,
+                     trim_unsupervised_tail=True, image_token_id=9)
+    assert kept["input_ids"].tolist() == [[1, 2, 9, 9]]
+    with pytest.raises(ValueError, match="needs labels"):
+        pad_batch([{"input_ids": [1, 2]}], 0, trim_unsupervised_tail=True)
+
+
 def test_pad_without_labels_and_mixed_extras():
     batch = pad_batch([{"input_ids": [1, 2], "pixel_values": None}, {"input_ids": [3], "pixel_values": torch.ones(1)}],
                       pad_token_id=0)

@@ -20,6 +20,7 @@ from helpers import isolated_env, losses, make_batch, make_run
 from vlweave.builder import build_model, load_checkpoint
 from vlweave.connectors import ConnectorSpec, build_connector, known_connectors
 from vlweave.connectors.base import pool_grid
+from vlweave.data.collate import pad_batch
 from vlweave.data.llava_json import load_questions
 from vlweave.eval.vqa import generate_answers, stop_token_ids
 from vlweave.modeling import IGNORE_INDEX, ImageTokenMismatchError, VlweaveForConditionalGeneration
@@ -338,6 +339,16 @@ def test_loss_equals_full_logits_cross_entropy(trained, key):
     torch.testing.assert_close(out.loss, ref, atol=1e-5, rtol=0)
     n_sup = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert out.logits.shape == (n_sup, logits.shape[-1])
+    # The training collate drops the tokens after the last label (ChatML's newline after <|im_end|>): same loss.
+    trimmed = pad_batch([{"input_ids": ids[m.bool()].tolist(), "labels": lab[m.bool()].tolist()}
+                         for ids, lab, m in zip(batch["input_ids"], batch["labels"], batch["attention_mask"])],
+                        trainer.tokenizer.pad_token_id, trim_unsupervised_tail=True,
+                        image_token_id=model.config.image_token_id)
+    if key.endswith("chatml"):
+        assert trimmed["attention_mask"].sum() < batch["attention_mask"].sum(), "want a trailing token to trim"
+    with torch.no_grad():
+        out_trimmed = model(**trimmed, pixel_values=batch["pixel_values"])
+    torch.testing.assert_close(out_trimmed.loss, out.loss, atol=1e-5, rtol=0)
     labels = batch["labels"].clone()
     labels[:] = IGNORE_INDEX
     with pytest.raises(ValueError, match="no supervised token"):

@@ -65,7 +65,10 @@ class DataConfig:
     image_folder: str | None = None  # default: the data file's folder
     align: str | None = None  # separate data for the `align` stage (None: use `train`)
     max_samples: int | None = None
-    pad_to_multiple_of: int | None = 16  # fixed shapes matter for bf16 speed on CPU
+    # None: pad each batch to its longest sequence (every padded token is computed: on this fp32 CPU rounding the
+    # demo's 21-27-token samples up to 32 cost 17 % per step). Set 8/16 where bf16 autocast runs on a CPU with AMX:
+    # there each new sequence length pays a kernel warm-up (../shared/design.md section 7).
+    pad_to_multiple_of: int | None = None
 
 
 @dataclass

@@ -51,6 +51,20 @@ def _pad(rows: list[list[int]], length: int, value: int, side: str) -> torch.Ten
     return out
 
 
+def _supervised_end(ids: list[int], labels: list[int], image_token_id: int | None) -> int:
+    """Length of a sequence cut right after its last supervised label, but never before an image placeholder
+    (the image count must still match the images); the whole length if nothing is supervised."""
+    keep = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
+    if not keep:
+        return len(ids)
+    end = keep[-1] + 1
+    if image_token_id is not None:
+        images = [i for i, t in enumerate(ids) if t == image_token_id]
+        if images:
+            end = max(end, images[-1] + 1)
+    return end
+
+
 def _collate_extra(values: list[Any]) -> Any:
     """Stack tensors of one shape; anything else (None, mixed shapes, numbers, strings) stays a list."""
     if values and all(isinstance(v, torch.Tensor) for v in values):
@@ -67,12 +81,18 @@ def pad_batch(
     padding_side: str = "right",
     pad_to_multiple_of: int | None = None,
     max_length: int | None = None,
+    trim_unsupervised_tail: bool = False,
+    image_token_id: int | None = None,
 ) -> dict[str, Any]:
     """Pad ``input_ids`` (with ``pad_token_id``) and ``labels`` (with ``IGNORE_INDEX``); build ``attention_mask``.
 
     ``padding_side``: "right" for training, "left" for batched generation.  ``pad_to_multiple_of`` rounds the
     batch length up; ``max_length`` pads every batch to exactly that length (a longer sequence is an error, not a
-    silent cut).  ``labels`` are returned when the features have them (all or none).  Other keys: tensors of equal
+    silent cut).  ``trim_unsupervised_tail`` (training only) first drops the tokens after each sequence's last
+    supervised label (e.g. the newline a chat template puts after the final end-of-turn): under causal attention
+    they cannot change the loss, yet they cost as much as any token; image placeholders (``image_token_id``) are
+    never cut.  ``labels`` are returned when the features
+    have them (all or none).  Other keys: tensors of equal
     shape are stacked (e.g. ``pixel_values`` -> ``[B, 3, S, S]``); other values are passed through as lists.
     """
     if not features:
@@ -86,16 +106,23 @@ def pad_batch(
     if any(with_labels) and not all(with_labels):
         missing = [i for i, has in enumerate(with_labels) if not has]
         raise ValueError(f"features {missing} have no 'labels' but others do")
+    labels = [_as_list(f["labels"], "labels", i) for i, f in enumerate(features)] if all(with_labels) else None
+    if labels is not None:
+        for i, (row, lab) in enumerate(zip(ids, labels)):
+            if len(row) != len(lab):
+                raise ValueError(f"feature {i}: {len(row)} input_ids but {len(lab)} labels")
+        if trim_unsupervised_tail:
+            ends = [_supervised_end(row, lab, image_token_id) for row, lab in zip(ids, labels)]
+            ids = [row[:end] for row, end in zip(ids, ends)]
+            labels = [lab[:end] for lab, end in zip(labels, ends)]
+    elif trim_unsupervised_tail:
+        raise ValueError("trim_unsupervised_tail needs labels")
     length = _target_length(max(len(row) for row in ids), pad_to_multiple_of, max_length)
     batch: dict[str, Any] = {
         "input_ids": _pad(ids, length, pad_token_id, padding_side),
         "attention_mask": _pad([[1] * len(row) for row in ids], length, 0, padding_side),
     }
-    if all(with_labels):
-        labels = [_as_list(f["labels"], "labels", i) for i, f in enumerate(features)]
-        for i, (row, lab) in enumerate(zip(ids, labels)):
-            if len(row) != len(lab):
-                raise ValueError(f"feature {i}: {len(row)} input_ids but {len(lab)} labels")
+    if labels is not None:
         batch["labels"] = _pad(labels, length, IGNORE_INDEX, padding_side)
     extra_keys = [k for k in dict.fromkeys(k for f in features for k in f) if k not in _SEQUENCE_KEYS]
     for key in extra_keys:

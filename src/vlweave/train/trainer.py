@@ -150,6 +150,8 @@ class Trainer:
             self.tokenizer.pad_token_id,
             padding_side="right",
             pad_to_multiple_of=self.cfg.data.pad_to_multiple_of,
+            trim_unsupervised_tail=True,  # exact: nothing after the last label reaches the loss (~4 % fewer tokens)
+            image_token_id=self.model.config.image_token_id,
         )
         images = [e["image"] for e in examples if e["image"]]
         if images:
