@@ -69,6 +69,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(lm_dir)
     model = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PROJECTIONS))
+    lm = model.get_base_model()  # the LoRA-wrapped causal LM: its decoder and head, called separately below
 
     train_caps, test_caps = captions(vqa_dir / "train.json"), captions(vqa_dir / "test.json")
     records = json.loads((vqa_dir / args.data).read_text())
@@ -84,24 +85,32 @@ def main() -> None:
     log = []
     model.train()
     for step in tqdm(range(args.steps), desc="text oracle", unit="step"):
-        ids, labels = [], []
+        ids, labels, answer_mask = [], [], []
         for rec in records[step * args.batch_size:(step + 1) * args.batch_size]:
             question = rec["conversations"][0]["value"].replace("<image>", "").strip()
             p = tokenizer(prompt(tokenizer, train_caps[rec["image"]], question), add_special_tokens=False).input_ids
             a = tokenizer(rec["conversations"][1]["value"], add_special_tokens=False).input_ids
             ids.append(p + a + end)
-            labels.append([-100] * len(p) + a + [-100] * len(end))  # score the answer only: its loss is readable
+            labels.append([-100] * len(p) + a + end)  # as the demo: the answer, then <|im_end|> (to stop)
+            answer_mask.append([False] * len(p) + [True] * len(a) + [False] * len(end))
         length = max(map(len, ids))
         pad = tokenizer.pad_token_id or 0
         input_ids = torch.tensor([r + [pad] * (length - len(r)) for r in ids])
         mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in ids])
         target = torch.tensor([r + [-100] * (length - len(r)) for r in labels])
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=target).loss
+        # LM head only where a label is (vocab 49k: full logits would double the step), as vlweave's model does.
+        hidden = lm.model(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, :-1]
+        supervised = target[:, 1:] != -100
+        token_loss = torch.nn.functional.cross_entropy(lm.lm_head(hidden[supervised]), target[:, 1:][supervised],
+                                                       reduction="none")
+        loss = token_loss.mean()
+        # Logged: the loss of the answer tokens alone (<|im_end|> is learnt at once and would halve the average).
+        is_answer = torch.tensor([m + [False] * (length - len(m)) for m in answer_mask])[:, 1:][supervised]
         loss.backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        log.append(float(loss))
+        log.append(token_loss[is_answer].mean().item())
         if args.log_every and (step + 1) % args.log_every == 0:
             tqdm.write(f"step {step + 1}: answer-token loss {sum(log[-args.log_every:]) / args.log_every:.3f}")
 

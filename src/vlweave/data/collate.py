@@ -91,8 +91,7 @@ def pad_batch(
     silent cut).  ``trim_unsupervised_tail`` (training only) first drops the tokens after each sequence's last
     supervised label (e.g. the newline a chat template puts after the final end-of-turn): under causal attention
     they cannot change the loss, yet they cost as much as any token; image placeholders (``image_token_id``) are
-    never cut.  ``labels`` are returned when the features
-    have them (all or none).  Other keys: tensors of equal
+    never cut.  ``labels`` are returned when the features have them (all or none).  Other keys: tensors of equal
     shape are stacked (e.g. ``pixel_values`` -> ``[B, 3, S, S]``); other values are passed through as lists.
     """
     if not features:
