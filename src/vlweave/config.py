@@ -66,8 +66,8 @@ class DataConfig:
     align: str | None = None  # separate data for the `align` stage (None: use `train`)
     max_samples: int | None = None
     # None: pad each batch to its longest sequence (every padded token is computed: on this fp32 CPU rounding the
-    # demo's 21-27-token samples up to 32 made a step 1.17-1.25x slower). Set 8/16 where bf16 autocast runs on a CPU with AMX:
-    # there each new sequence length pays a kernel warm-up (../shared/design.md section 7).
+    # demo's 21-27-token samples up to 32 made a step 1.17-1.25x slower). Set 8/16 where bf16 autocast runs on a
+    # CPU with AMX: there each new sequence length pays a kernel warm-up (../shared/design.md section 7).
     pad_to_multiple_of: int | None = None
 
 
