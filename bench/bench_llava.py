@@ -12,7 +12,7 @@ Variants, all on the same batches in one process:
   projections are trainable in both models, with identical initial values):
     1. ``HF llava``            pixel_values, full-vocabulary logits at every position (the HF loss)
     2. ``vlweave pixels``      pixel_values (the frozen tower runs every step)
-    3. ``vlweave cached``      frozen-feature cache (``FeatureStore``, built before timing; build time printed)
+    3. ``vlweave cached``      frozen-feature cache (``FeatureCache``, built before timing; build time printed)
   (plus bf16-autocast versions of the three where ``vlweave.train.trainer.bf16_available()``)
 * generation (greedy, left-padded batch, exactly ``max_new_tokens`` new tokens each, KV cache), on the models
   before LoRA is injected (i.e. a merged checkpoint):
@@ -60,8 +60,8 @@ from vlweave.data.collate import pad_batch
 from vlweave.data.llava_json import load_llava_data
 from vlweave.eval.vqa import stop_token_ids
 from vlweave.processing import IGNORE_INDEX, encode_conversation, encode_prompt
-from vlweave.train.trainer import bf16_available, make_transform, transform_desc
-from vlweave.vision.cache import FeatureStore, load_image
+from vlweave.train.trainer import bf16_available, make_transform
+from vlweave.vision.cache import FeatureCache, load_image
 
 IMAGE_SIZE = 112
 LORA_R, LORA_ALPHA = 16, 32
@@ -401,7 +401,7 @@ def main(argv=None) -> int:
 
     # ---- frozen-feature cache ------------------------------------------------------------------------------
     paths = [p for b in batches for p in b["images"]] + gen["images"]
-    store = FeatureStore(vl, make_transform(vl), transform_desc=transform_desc(vl), persist=False)
+    store = FeatureCache(vl, persist=False)
     t0 = time.perf_counter()
     store.ensure(paths, progress=False)
     t_cache = time.perf_counter() - t0

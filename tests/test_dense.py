@@ -259,6 +259,7 @@ def test_dense_feature_cache_stores_the_fused_tensor(tmp_path):
         trainer.train()
         curves[cache] = losses(trainer.metrics)
         if cache:
-            feats = trainer.store.batch([next(iter(trainer.store._feats))])
+            store = trainer.store.stores["base"]
+            feats = store.batch([next(iter(store._feats))])
             assert [f.shape for f in feats] == [torch.Size([1, 16, 96])]
     assert curves[True] == pytest.approx(curves[False], abs=1e-5)

@@ -25,8 +25,8 @@ from vlweave.data.llava_json import load_questions
 from vlweave.eval.vqa import generate_answers, stop_token_ids
 from vlweave.modeling import IGNORE_INDEX, ImageTokenMismatchError, VlweaveForConditionalGeneration
 from vlweave.processing import encode_prompt
-from vlweave.train.trainer import Trainer, make_transform, transform_desc
-from vlweave.vision.cache import FeatureStore, load_image
+from vlweave.train.trainer import Trainer, make_transform
+from vlweave.vision.cache import FeatureCache, load_image
 from vlweave.vision.towers import run_tower
 
 # (vision, language, tokenizer, template, tie_word_embeddings)
@@ -381,10 +381,12 @@ def test_feature_store_is_reused_without_running_the_tower(tmp_path, monkeypatch
     torch.manual_seed(0)  # random-init towers are drawn from the global RNG (the Trainer seeds it the same way)
     model, _ = build_model(cfg)
     images = sorted(str(p) for p in (Path(cfg.data.train).parent / "images").glob("*.png"))[:5]
-    store = FeatureStore(model, make_transform(model), transform_desc=transform_desc(model))
-    store.ensure(images, progress=False)
+    features = FeatureCache(model)
+    assert list(features.stores) == ["base"]
+    store = features.stores["base"]
+    features.ensure(images, progress=False)
     assert store.path is not None and store.path.is_file() and store.path.parent == cache / "features"
-    first = store.batch(images)
+    first = features.batch(images)["base"]
     assert [f.shape for f in first] == [torch.Size([5, 16, 32])]
     # Features equal the tower's own output for the same pixels.
     pixels = torch.stack([make_transform(model)(load_image(p)) for p in images])
@@ -396,18 +398,20 @@ def test_feature_store_is_reused_without_running_the_tower(tmp_path, monkeypatch
 
     torch.manual_seed(0)
     model2, _ = build_model(cfg)  # same seed -> same tower -> same cache key
-    model2.vision_features = no_tower
-    store2 = FeatureStore(model2, make_transform(model2), transform_desc=transform_desc(model2))
-    assert store2.key == store.key and all(p in store2 for p in images)
-    store2.ensure(images, progress=False)
-    for a, b in zip(first, store2.batch(images)):
+    model2.prepare_tower_features = no_tower
+    features2 = FeatureCache(model2)
+    assert features2.stores["base"].key == store.key and all(p in features2 for p in images)
+    features2.ensure(images, progress=False)
+    for a, b in zip(first, features2.batch(images)["base"]):
         assert torch.equal(a, b)
     # Another tower (other weights) or transform gets another key.
     torch.manual_seed(1)
     model3, _ = build_model(cfg)
-    assert FeatureStore(model3, make_transform(model3), transform_desc=transform_desc(model3)).key != store.key
-    desc = {**transform_desc(model), "aspect": "square"}
-    assert FeatureStore(model, make_transform(model), transform_desc=desc).key != store.key
+    assert FeatureCache(model3).stores["base"].key != store.key
+    cfg.vision.aspect = "square"
+    torch.manual_seed(0)
+    model4, _ = build_model(cfg)
+    assert FeatureCache(model4).stores["base"].key != store.key
 
 
 def test_trainer_reuses_the_cache_file(tmp_path, monkeypatch):
@@ -422,7 +426,7 @@ def test_trainer_reuses_the_cache_file(tmp_path, monkeypatch):
     def no_tower(*args, **kwargs):
         raise AssertionError("the tower ran although the features are cached")
 
-    b.model.vision_features = no_tower
+    b.model.prepare_tower_features = no_tower
     b.train()
     assert losses(b.metrics) == losses(a.metrics)
 

@@ -357,3 +357,12 @@ def _ready(name: str, target: Path) -> Path:
         # AutoConfig/AutoModel so that from_pretrained(folder) works for whoever resolved the name.
         import vlweave.vision.efficientnet_lite  # noqa: F401
     return target
+
+
+def resolve_data_path(spec: str) -> tuple[Path, Path | None]:
+    """``asset:relative/file`` -> (file in the asset folder, asset folder as image root); else a plain path."""
+    if ":" in spec and spec.split(":", 1)[0] in ASSETS:
+        name, rel = spec.split(":", 1)
+        root = pull(name)
+        return root / rel, root
+    return Path(spec), None

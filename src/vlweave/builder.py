@@ -11,13 +11,20 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from vlweave import assets
 from vlweave.config import LanguageConfig, RunConfig, VisionConfig
 from vlweave.modeling import VlweaveConfig, VlweaveForConditionalGeneration
 from vlweave.processing import add_image_token
-from vlweave.vision.towers import build_vision_model, load_vision_model, vision_sub_config
+from vlweave.vision.towers import BASE_TOWER, build_vision_model, load_vision_model, vision_sub_config
 
 # Normalisation constants by tower family, used when the tower folder has no preprocessor_config.json.
 _CLIP_MEAN, _CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -41,6 +48,12 @@ def _auto_config(name: str, random_init: bool, overrides: dict) -> PreTrainedCon
 
 
 def image_stats(vision: VisionConfig, vcfg: PreTrainedConfig) -> tuple[list[float], list[float]]:
+    """The tower's normalisation: the config's own, else its folder's ``preprocessor_config.json``, else its
+    family's (CLIP, SigLIP; ImageNet for the rest)."""
+    if vision.image_mean is not None or vision.image_std is not None:
+        if vision.image_mean is None or vision.image_std is None:
+            raise ValueError(f"tower {vision.name!r}: give both image_mean and image_std, or neither")
+        return list(vision.image_mean), list(vision.image_std)
     folder = Path(assets.resolve(vision.name))
     pp = folder / "preprocessor_config.json"
     if pp.exists():
@@ -55,12 +68,32 @@ def load_tokenizer(language: LanguageConfig) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(path)
 
 
-def build_model(cfg: RunConfig) -> tuple[VlweaveForConditionalGeneration, PreTrainedTokenizerBase]:
-    """Assemble tower + connector + LM as the run config says; returns the model and its tokenizer."""
-    vision, language = cfg.vision, cfg.language
+def build_tower(vision: VisionConfig) -> PreTrainedModel:
+    """One vision tower: pretrained weights from a folder/hub id, or random weights from its config."""
     vcfg = vision_sub_config(_auto_config(vision.name, vision.random_init, vision.config_overrides))
+    return build_vision_model(vcfg) if vision.random_init else load_vision_model(vision.name)
+
+
+def extra_tower_entry(vision: VisionConfig, tower: PreTrainedModel) -> dict:
+    """A ``VlweaveConfig.extra_vision_towers`` entry for a built tower."""
+    mean, std = image_stats(vision, tower.config)
+    vcfg = tower.config.to_dict()
+    for key in ("_attn_implementation_autoset", "transformers_version", "architectures", "dtype"):
+        vcfg.pop(key, None)
+    return {"vision_config": vcfg, "image_size": vision.image_size, "image_mean": mean, "image_std": std,
+            "image_aspect": vision.aspect, "vision_feature_layer": vision.select_layer,
+            "vision_feature_select_strategy": vision.select_strategy}
+
+
+def build_model(cfg: RunConfig) -> tuple[VlweaveForConditionalGeneration, PreTrainedTokenizerBase]:
+    """Assemble towers + connector + LM as the run config says; returns the model and its tokenizer."""
+    vision, language = cfg.vision, cfg.language
+    if BASE_TOWER in cfg.towers:
+        raise ValueError(f"towers.{BASE_TOWER}: the base tower is `vision`; name the extra towers otherwise")
     tcfg = _auto_config(language.name, language.random_init, language.config_overrides)
-    tower = build_vision_model(vcfg) if vision.random_init else load_vision_model(vision.name)
+    tower = build_tower(vision)
+    vcfg = tower.config
+    extra = {name: build_tower(v) for name, v in cfg.towers.items()}
     if language.random_init:
         lm = AutoModelForCausalLM.from_config(tcfg)
     else:
@@ -86,10 +119,11 @@ def build_model(cfg: RunConfig) -> tuple[VlweaveForConditionalGeneration, PreTra
         chat_template_name=language.template,
         system_prompt=language.system_prompt,
         tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+        extra_vision_towers={name: extra_tower_entry(cfg.towers[name], t) for name, t in extra.items()},
     )
     torch.manual_seed(cfg.train.seed)  # connector init is part of the seeded run
-    model = VlweaveForConditionalGeneration(config, vision_tower=tower, language_model=lm)
-    model.vision_tower.requires_grad_(False)
+    model = VlweaveForConditionalGeneration(config, vision_tower=tower, language_model=lm, extra_towers=extra)
+    model.vision_towers.requires_grad_(False)
     return model, tokenizer
 
 

@@ -25,13 +25,17 @@ class ConfigError(ValueError):
 
 @dataclass
 class VisionConfig:
-    """The (frozen) vision tower and which of its hidden states the connector sees."""
+    """A (frozen) vision tower and which of its hidden states the connector sees: ``vision`` is the base tower;
+    ``towers`` (name -> VisionConfig) adds others beside it (MoVA's experts), each with its own input size and
+    normalisation."""
 
     name: str = "dinov2-small"  # asset name, hub id or local folder of an HF vision model
     image_size: int | None = None  # None: the tower's own size
     select_layer: int | list[int] = -2  # HF llava `vision_feature_layer` semantics (index into hidden_states)
     select_strategy: str = "default"  # "default": drop CLS/prefix tokens; "full": keep them
     aspect: str = "pad"  # image transform: "pad" (LLaVA-1.5 stage 2) or "square"
+    image_mean: list[float] | None = None  # None: the tower folder's preprocessor_config.json, else its family's
+    image_std: list[float] | None = None
     random_init: bool = False  # build from config only (tests, or towers whose weights are not available offline)
     config_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. tiny test towers
 
@@ -133,6 +137,7 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
+    towers: dict[str, VisionConfig] = field(default_factory=dict)  # extra towers by name ("base" is `vision`)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -263,6 +268,9 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: `{key}` must be a mapping, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and dataclasses.is_dataclass(args[1]):
+            return {str(k): _build(args[1], v, source, f"{key}.{k}.") for k, v in value.items()}
         return dict(value)
     if tp is Any:
         return value

@@ -1,14 +1,24 @@
 """The HF-native model: ``VlweaveConfig`` + ``VlweaveForConditionalGeneration``.
 
-vision tower (any HF vision model) -> feature selection -> connector (registry) -> causal LM (any HF causal LM).
-Image tokens are scattered into the LM's input embeddings at the positions of the ``<image>`` token id, with a
-count check (HF llava semantics).  Training losses are computed only at supervised positions: the LM head over a
-49k vocabulary at every position is the single largest waste in a small-LM training step (design §7: 21-31 %).
+named vision towers (any HF vision models, ``base`` first) -> feature selection -> connector (registry) -> causal LM
+(any HF causal LM).  Image tokens are scattered into the LM's input embeddings at the positions of the ``<image>``
+token id, with a count check (HF llava semantics).  Training losses are computed only at supervised positions: the
+LM head over a 49k vocabulary at every position is the single largest waste in a small-LM training step (design
+§7: 21-31 %).
+
+Generation runs through this model's own ``forward`` on every step (``GenerationMixin``; images only at prefill,
+as HF llava), so a module can compute per-sample state once at prefill (:meth:`register_prefill_hook`) and read it
+on every cached decode step through the context.
+
+Checkpoint layout: the base tower's weights are saved as ``vision_tower.*`` (HF llava's name, and what checkpoints
+saved before named towers contain); the others as ``vision_towers.<name>.*``.  In memory every tower lives in the
+``vision_towers`` ``ModuleDict``; a registered weight renaming maps between the two on load and save.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,16 +28,34 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    GenerationMixin,
     PreTrainedConfig,
     PreTrainedModel,
 )
 from transformers.configuration_utils import SubConfigSpec
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from vlweave.connectors import ConnectorContext, ConnectorSpec, build_connector
-from vlweave.vision.towers import TowerFacts, run_tower, select_features, tower_facts, vision_sub_config
+from vlweave.connectors import ConnectorSpec, build_connector
+from vlweave.connectors.base import TowerInput
+from vlweave.context import VlweaveContext
+from vlweave.vision.towers import (
+    BASE_TOWER,
+    TowerFacts,
+    TowerSpec,
+    run_tower,
+    select_features,
+    vision_sub_config,
+)
 
 IGNORE_INDEX = -100
+
+# Per-tower settings an extra tower may carry (the base tower keeps the flat fields of older configs).
+TOWER_KEYS = ("vision_config", "image_size", "image_mean", "image_std", "image_aspect", "vision_feature_layer",
+              "vision_feature_select_strategy")
+
+PrefillHook = Callable[["VlweaveForConditionalGeneration", VlweaveContext, torch.Tensor, "torch.Tensor | None"], None]
 
 
 class ImageTokenMismatchError(ValueError):
@@ -58,6 +86,10 @@ class VlweaveConfig(PreTrainedConfig):
     system_prompt: str | None = None
     tie_word_embeddings: bool = False
     video_pool: int = 2  # zero-shot video: max-pool kernel over each frame's tokens (FreeVA --use_pool); 1 = none
+    # Towers beside the base one, by name: {name: {"vision_config": {... "model_type": ...}, "image_size": ...,
+    # "image_mean": [...], "image_std": [...], "image_aspect": ..., "vision_feature_layer": ...,
+    # "vision_feature_select_strategy": ...}} (plain JSON, so config.json stays readable by any tool).
+    extra_vision_towers: dict | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -67,6 +99,31 @@ class VlweaveConfig(PreTrainedConfig):
             self.image_mean = [0.485, 0.456, 0.406]
         if self.image_std is None:
             self.image_std = [0.229, 0.224, 0.225]
+        if self.extra_vision_towers is None:
+            self.extra_vision_towers = {}
+        for name, tower in self.extra_vision_towers.items():
+            unknown = set(tower) - set(TOWER_KEYS)
+            if name == BASE_TOWER or "vision_config" not in tower or unknown:
+                raise ValueError(f"extra_vision_towers[{name!r}]: needs a 'vision_config' and a name other than "
+                                 f"{BASE_TOWER!r}; unknown key(s) {sorted(unknown)}; known: {list(TOWER_KEYS)}")
+
+    def tower_specs(self) -> dict[str, TowerSpec]:
+        """Every named tower, ``base`` first (built from the flat fields), then the extra ones in config order."""
+        specs = {BASE_TOWER: TowerSpec(
+            name=BASE_TOWER, config=self.vision_config, image_size=self.image_size,
+            image_mean=tuple(self.image_mean), image_std=tuple(self.image_std), aspect=self.image_aspect,
+            select_layer=self.vision_feature_layer, select_strategy=self.vision_feature_select_strategy)}
+        for name, tower in (self.extra_vision_towers or {}).items():
+            vcfg = dict(tower["vision_config"])
+            specs[name] = TowerSpec(
+                name=name, config=AutoConfig.for_model(vcfg.pop("model_type"), **vcfg),
+                image_size=tower.get("image_size"),
+                image_mean=tuple(tower.get("image_mean") or (0.485, 0.456, 0.406)),
+                image_std=tuple(tower.get("image_std") or (0.229, 0.224, 0.225)),
+                aspect=tower.get("image_aspect", "pad"),
+                select_layer=tower.get("vision_feature_layer", -1),
+                select_strategy=tower.get("vision_feature_select_strategy", "default"))
+        return specs
 
 
 class VlweavePreTrainedModel(PreTrainedModel):
@@ -84,22 +141,43 @@ class VlweavePreTrainedModel(PreTrainedModel):
         pass
 
 
-class VlweaveForConditionalGeneration(VlweavePreTrainedModel):
+class VlweaveForConditionalGeneration(VlweavePreTrainedModel, GenerationMixin):
     def __init__(
         self,
         config: VlweaveConfig,
         vision_tower: PreTrainedModel | None = None,
         language_model: PreTrainedModel | None = None,
+        extra_towers: Mapping[str, PreTrainedModel] | None = None,
     ) -> None:
         super().__init__(config)
-        self.vision_tower = vision_tower if vision_tower is not None else AutoModel.from_config(config.vision_config)
+        self.tower_specs: dict[str, TowerSpec] = config.tower_specs()
+        given = dict(extra_towers or {})
+        unknown = set(given) - set(self.tower_specs)
+        if unknown:
+            raise ValueError(f"towers {sorted(unknown)} are not in the config; configured: {list(self.tower_specs)}")
+        towers: dict[str, nn.Module] = {}
+        for name, spec in self.tower_specs.items():
+            model = vision_tower if name == BASE_TOWER else given.get(name)
+            towers[name] = model if model is not None else AutoModel.from_config(vision_sub_config(spec.config))
+        self.vision_towers = nn.ModuleDict(towers)
         self.language_model = (
             language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         )
         self._restore_attn_implementation()
-        self.facts: TowerFacts = tower_facts(config.vision_config, config.image_size)
+        self.tower_facts: dict[str, TowerFacts] = {n: s.facts for n, s in self.tower_specs.items()}
+        self.facts: TowerFacts = self.tower_facts[BASE_TOWER]
         self.connector = build_connector(config.connector_type, self.connector_spec())
+        unknown_towers = set(self.connector.tower_layers()) - set(self.tower_specs)
+        if unknown_towers:
+            raise ValueError(f"connector {config.connector_type!r} needs tower(s) {sorted(unknown_towers)}; this "
+                             f"model has {list(self.tower_specs)}")
+        self._prefill_hooks: dict[str, PrefillHook] = {}
         self.post_init()
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        """The base tower (HF llava's attribute name)."""
+        return self.vision_towers[BASE_TOWER]
 
     def _restore_attn_implementation(self) -> None:
         """Give prebuilt sub-models their attention implementation back.
@@ -109,14 +187,16 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel):
         the tower and the LM silently fell back to eager attention (with transformers' "AttentionInterface ...
         None" warning) while the same checkpoint reloaded with ``from_pretrained`` used SDPA.
         """
-        for module in (self.vision_tower, self.language_model):
+        for module in (*self.vision_towers.values(), self.language_model):
             sub = getattr(module, "config", None)
             if isinstance(module, PreTrainedModel) and sub is not None and sub._attn_implementation is None:
                 sub._attn_implementation = module._check_and_adjust_attn_implementation(None, is_init_check=True)
 
     # ---- facts -----------------------------------------------------------------------------------------
     def connector_spec(self) -> ConnectorSpec:
-        f = tower_facts(self.config.vision_config, self.config.image_size)
+        f = self.tower_facts[BASE_TOWER]
+        towers = {n: TowerInput(facts=s.facts, select_layer=s.select_layer, select_strategy=s.select_strategy,
+                                model_type=s.model_type) for n, s in self.tower_specs.items()}
         return ConnectorSpec(
             vision_hidden_size=f.hidden_size,
             num_vision_layers=f.num_layers,
@@ -126,7 +206,8 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel):
             select_layer=self.config.vision_feature_layer,
             select_strategy=self.config.vision_feature_select_strategy,
             options=dict(self.config.connector_options or {}),
-            vision_model_type=str(getattr(vision_sub_config(self.config.vision_config), "model_type", "")),
+            vision_model_type=self.tower_specs[BASE_TOWER].model_type,
+            towers=towers,
         )
 
     @property
@@ -144,30 +225,59 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel):
         return self.language_model.get_output_embeddings()
 
     # ---- vision ----------------------------------------------------------------------------------------
-    def vision_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """The connector's prepared input (selected hidden states after its parameter-free ``prepare``: pooling,
-        multi-layer fusion); this is what the frozen-feature cache stores."""
-        frozen = not any(p.requires_grad for p in self.vision_tower.parameters())
-        first = next(self.vision_tower.parameters())
+    def needed_towers(self) -> list[str]:
+        """The towers the connector reads, in config order (the others are never run)."""
+        wanted = self.connector.tower_layers()
+        return [n for n in self.tower_specs if n in wanted]
+
+    def prepare_tower_features(self, tower: str, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """One tower's contribution to the connector input: run it, select the connector's layers of it (prefix
+        strategy applied), then the connector's parameter-free ``prepare_tower``.  This is what the frozen-feature
+        cache stores per (image, tower)."""
+        module = self.vision_towers[tower]
+        spec = self.tower_specs[tower]
+        frozen = not any(p.requires_grad for p in module.parameters())
+        first = next(module.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            hs = run_tower(self.vision_tower, pixel_values.to(device=first.device, dtype=first.dtype), self.facts)
-            selected = select_features(
-                hs, self.connector.feature_layers(), self.config.vision_feature_select_strategy, self.facts
-            )
-            return self.connector.prepare(selected)
+            hs = run_tower(module, pixel_values.to(device=first.device, dtype=first.dtype), spec.facts)
+            selected = select_features(hs, self.connector.tower_layers()[tower], spec.select_strategy, spec.facts)
+            return self.connector.prepare_tower(tower, selected)
+
+    def vision_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The base tower's prepared connector input (see :meth:`prepare_tower_features`)."""
+        return self.prepare_tower_features(BASE_TOWER, pixel_values)
+
+    def tower_features(
+        self,
+        pixel_values: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+        vision_features: Mapping[str, list[torch.Tensor]] | list[torch.Tensor] | None = None,
+    ) -> dict[str, list[torch.Tensor]]:
+        """Prepared connector input of every tower the connector needs, keyed by tower name: taken from
+        ``vision_features`` (cached) where given, else computed from ``pixel_values`` (a tensor is the base tower's
+        pixels; a mapping gives each tower its own, as each has its own transform)."""
+        pixels = _by_tower(pixel_values)
+        cached = _by_tower(vision_features)
+        out: dict[str, list[torch.Tensor]] = {}
+        for name in self.needed_towers():
+            if name in cached:
+                out[name] = list(cached[name])
+            elif name in pixels:
+                out[name] = self.prepare_tower_features(name, pixels[name])
+            else:
+                raise ValueError(f"the connector needs tower {name!r}: give pixel_values[{name!r}] or its cached "
+                                 f"features (have pixels for {sorted(pixels)}, features for {sorted(cached)})")
+        return out
 
     def get_image_features(
         self,
-        pixel_values: torch.Tensor | None = None,
-        vision_features: list[torch.Tensor] | None = None,
-        context: ConnectorContext | None = None,
+        pixel_values: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+        vision_features: Mapping[str, list[torch.Tensor]] | list[torch.Tensor] | None = None,
+        context: VlweaveContext | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Visual tokens [N_images, T, D_text] and the connector's auxiliary losses."""
-        if vision_features is None:
-            if pixel_values is None:
-                raise ValueError("get_image_features needs pixel_values or vision_features")
-            vision_features = self.vision_features(pixel_values)
-        out = self.connector(list(vision_features), context)
+        if pixel_values is None and vision_features is None:
+            raise ValueError("get_image_features needs pixel_values or vision_features")
+        out = self.connector(self.tower_features(pixel_values, vision_features), context)
         return out.tokens, out.aux_losses
 
     # ---- video (training-free, methods.md §1d) --------------------------------------------------------
@@ -204,11 +314,15 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel):
     def embed_inputs(
         self,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        vision_features: list[torch.Tensor] | None = None,
+        pixel_values: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+        vision_features: Mapping[str, list[torch.Tensor]] | list[torch.Tensor] | None = None,
         pixel_values_videos: torch.Tensor | None = None,
+        context: VlweaveContext | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """LM input embeddings with the visual tokens (of images, or of videos) scattered into the ``<image>`` slots."""
+        """LM input embeddings with the visual tokens (of images, or of videos) scattered into the ``<image>`` slots.
+
+        Images belong to the rows that have ``<image>`` tokens, in row order; a ``context`` with ``image_rows``
+        must say the same (it is what connectors use to pair an image with its sample's text)."""
         image_mask = input_ids == self.config.image_token_id
         embed = self.get_input_embeddings()
         embeds = embed(input_ids.masked_fill(image_mask, 0))
@@ -224,7 +338,13 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel):
         if pixel_values_videos is not None:
             tokens = self.get_video_features(pixel_values_videos)
         else:
-            tokens, aux = self.get_image_features(pixel_values, vision_features)
+            if context is not None and context.image_rows is not None:
+                rows = image_mask.any(dim=1).nonzero().flatten()
+                if not torch.equal(rows.cpu(), context.image_rows.cpu()):
+                    raise ImageTokenMismatchError(
+                        f"context.image_rows {context.image_rows.tolist()} does not match the rows that have image "
+                        f"tokens {rows.tolist()}")
+            tokens, aux = self.get_image_features(pixel_values, vision_features, context)
         n_feats = tokens.shape[0] * tokens.shape[1]
         if n_slots != n_feats:
             raise ImageTokenMismatchError(
@@ -235,36 +355,61 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel):
         embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), tokens.to(embeds.dtype))
         return embeds, aux
 
+    # ---- prefill hooks ---------------------------------------------------------------------------------
+    def register_prefill_hook(self, name: str, hook: PrefillHook) -> None:
+        """``hook(model, context, inputs_embeds, attention_mask)`` runs on every full-sequence forward (training,
+        and the prefill of generation) before the LM, and may store per-sample state in ``context.guidance``;
+        cached decode steps receive the same context, so the state lives as long as the KV cache."""
+        if name in self._prefill_hooks:
+            raise ValueError(f"prefill hook {name!r} registered twice")
+        self._prefill_hooks[name] = hook
+
+    def _run_prefill_hooks(self, context: VlweaveContext | None, embeds: torch.Tensor,
+                           attention_mask: torch.Tensor | None) -> None:
+        if not self._prefill_hooks:
+            return
+        if context is None:
+            raise ValueError("this model has prefill hooks; pass a VlweaveContext (generate() makes one)")
+        for hook in self._prefill_hooks.values():
+            hook(self, context, embeds, attention_mask)
+
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        vision_features: list[torch.Tensor] | None = None,
+        pixel_values: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+        vision_features: Mapping[str, list[torch.Tensor]] | list[torch.Tensor] | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        context: VlweaveContext | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Any = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        cache = cache if cache is not None else past_key_values
         aux: dict[str, torch.Tensor] = {}
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("forward needs input_ids or inputs_embeds")
-            inputs_embeds, aux = self.embed_inputs(input_ids, pixel_values, vision_features, pixel_values_videos)
+            inputs_embeds, aux = self.embed_inputs(input_ids, pixel_values, vision_features, pixel_values_videos,
+                                                   context)
+        if cache is None or cache.get_seq_length() == 0:
+            self._run_prefill_hooks(context, inputs_embeds, attention_mask)
         if labels is None:
-            out = self.language_model(
+            return self.language_model(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
                 **kwargs,
             )
-            return out
         # Training path: run the decoder, then the LM head only where the next token is supervised.
         decoder = self.language_model.get_decoder()
         hidden = decoder(
@@ -273,30 +418,68 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel):
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         if not bool(keep.any()):
-            raise ValueError("batch has no supervised token (all labels are -100)")
+            raise ValueError(f"batch has no supervised token (all labels are IGNORE_INDEX = {IGNORE_INDEX})")
         logits = self.get_output_embeddings()(hidden[:, :-1][keep])
         loss = F.cross_entropy(logits.float(), targets[keep])
         for value in aux.values():
             loss = loss + value
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
+    # ---- generation ------------------------------------------------------------------------------------
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, *args: Any, is_first_iteration: bool = False,
+                                      **kwargs: Any) -> dict[str, Any]:
+        """HF llava's rule: the visual inputs go in at prefill only (or on every step without a KV cache)."""
+        visual = {k: kwargs.pop(k, None) for k in ("pixel_values", "vision_features", "pixel_values_videos")}
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, is_first_iteration=is_first_iteration,
+                                                       **kwargs)
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            inputs.update({k: v for k, v in visual.items() if v is not None})
+        return inputs
+
     @torch.no_grad()
     def generate(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        vision_features: list[torch.Tensor] | None = None,
+        pixel_values: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+        vision_features: Mapping[str, list[torch.Tensor]] | list[torch.Tensor] | None = None,
         pixel_values_videos: torch.Tensor | None = None,
+        context: VlweaveContext | None = None,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
-        """Greedy/sampled generation with KV cache; returns only the new tokens. Use LEFT padding for batches."""
+        """Greedy/sampled generation with KV cache through this model's forward; returns only the new tokens.
+        Use LEFT padding for batches.  Without a ``context`` one is made (images belong to the rows with image
+        tokens), so prefill hooks always have a place to keep their state."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("batched generation needs left padding (tokenizer.padding_side = 'left')")
-        embeds, _ = self.embed_inputs(input_ids, pixel_values, vision_features, pixel_values_videos)
-        return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        if context is None:
+            context = VlweaveContext.for_batch((input_ids == self.config.image_token_id).any(dim=1).tolist())
+        visual = {"pixel_values": pixel_values, "vision_features": vision_features,
+                  "pixel_values_videos": pixel_values_videos}
+        out = super().generate(input_ids=input_ids, attention_mask=attention_mask, context=context,
+                               **{k: v for k, v in visual.items() if v is not None}, **generate_kwargs)
+        return out[:, input_ids.shape[1]:]
+
+
+def _by_tower(value: Any) -> dict[str, Any]:
+    """Per-tower inputs: a mapping as is, anything else (a tensor, a list of features) as the base tower's."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    return {BASE_TOWER: value}
+
+
+# Saved checkpoints keep HF llava's ``vision_tower.*`` for the base tower (and load as before); in memory it is
+# ``vision_towers.base``.  The renaming is applied on load and reversed on save.
+try:
+    register_checkpoint_conversion_mapping(
+        VlweaveConfig.model_type,
+        [WeightRenaming(source_patterns=r"^vision_tower\.", target_patterns=f"vision_towers.{BASE_TOWER}.")])
+except ValueError:
+    pass  # already registered (module reloaded)
 
 
 def register_auto_classes() -> None:

@@ -731,6 +731,42 @@ class ImageTransform:
                 f"aspect={self.aspect!r})")
 
 
+def load_image(path: str | Path) -> Image.Image:
+    """An image file as RGB; an unreadable file raises ``ValueError`` naming it."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read image: {exc}") from None
+
+
+def tower_transform(spec: Any) -> ImageTransform:
+    """The image transform of one named tower (a :class:`vlweave.vision.towers.TowerSpec`): its own size,
+    normalisation and aspect handling."""
+    return ImageTransform(spec.facts.image_size, spec.image_mean, spec.image_std, aspect=spec.aspect)
+
+
+def image_transforms(config: Any, towers: Sequence[str] | None = None) -> dict[str, ImageTransform]:
+    """Transforms of a ``VlweaveConfig``'s towers by name (all, or ``towers``), from the config alone."""
+    specs = config.tower_specs()
+    return {name: tower_transform(spec) for name, spec in specs.items() if towers is None or name in towers}
+
+
+def make_transform(model: Any) -> ImageTransform:
+    """The base tower's image transform of a built model."""
+    return tower_transform(model.tower_specs["base"])
+
+
+def tower_pixels(model: Any, images: Sequence[Any],
+                 transforms: dict[str, ImageTransform] | None = None) -> dict[str, torch.Tensor]:
+    """``pixel_values`` keyed by tower for the towers the model's connector needs: each tower sees the images
+    through its own transform (size, normalisation, aspect).  ``images``: paths or PIL images."""
+    if transforms is None:
+        transforms = {n: tower_transform(model.tower_specs[n]) for n in model.needed_towers()}
+    opened = [load_image(p) if isinstance(p, (str, Path)) else p for p in images]
+    return {name: torch.stack([t(im) for im in opened]) for name, t in transforms.items()}
+
+
 __all__ = [
     "IGNORE_INDEX",
     "IMAGE_TOKEN",
@@ -745,6 +781,11 @@ __all__ = [
     "encode_conversation",
     "encode_prompt",
     "get_template",
+    "image_transforms",
+    "load_image",
+    "make_transform",
+    "tower_pixels",
+    "tower_transform",
     "pad_to_square",
     "resize_center_crop",
     "to_rgb",

@@ -3,9 +3,10 @@
 from vlweave.connectors import mlp  # noqa: F401  (registers identity, linear, mlpNx_gelu)
 from vlweave.connectors.base import (
     Connector,
-    ConnectorContext,
     ConnectorOutput,
     ConnectorSpec,
+    TowerInput,
+    base_features,
     build_connector,
     known_connectors,
     register,
@@ -13,9 +14,10 @@ from vlweave.connectors.base import (
 
 __all__ = [
     "Connector",
-    "ConnectorContext",
     "ConnectorOutput",
     "ConnectorSpec",
+    "TowerInput",
+    "base_features",
     "build_connector",
     "known_connectors",
     "register",

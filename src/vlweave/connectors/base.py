@@ -9,16 +9,45 @@ connectors that need it (MoVA gating, HyperLLaVA); plain projectors ignore it.
 
 Registry keys are exact; aliases are explicit; patterns (``mlpNx_gelu``) are regexes anchored on the whole name.
 Nothing ever dispatches on substrings of paths.
+
+Named towers.  A model may hold several vision towers (``base`` first, then e.g. MoVA's experts); the spec lists
+them all (:attr:`ConnectorSpec.towers`) while its scalar fields describe ``base``, so single-tower connectors read
+them as before.  A connector says which layers of which tower it needs (:meth:`Connector.tower_layers`; towers
+it does not name are never run), prepares each tower's selected hidden states without parameters
+(:meth:`Connector.prepare_tower`, cached per (image, tower)) and receives the prepared tensors keyed by tower name
+in :meth:`Connector.forward`, together with the batch's :class:`~vlweave.context.VlweaveContext`.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from vlweave.vision.towers import TowerFacts
+
+BASE_TOWER = "base"
+
+
+@dataclass(frozen=True)
+class TowerInput:
+    """What a connector knows of one named tower: its shape facts and the model config's feature selection."""
+
+    facts: "TowerFacts"
+    select_layer: int | list[int] = -2
+    select_strategy: str = "default"
+    model_type: str = ""
+
+    @property
+    def tokens_per_layer(self) -> int:
+        """Tokens of the final hidden state after the prefix strategy."""
+        keep_prefix = self.facts.num_prefix_tokens if self.select_strategy == "full" else 0
+        return self.facts.grid * self.facts.grid + keep_prefix
 
 
 @dataclass(frozen=True)
@@ -32,6 +61,8 @@ class ConnectorSpec:
     select_strategy: str = "default"
     options: dict[str, Any] = field(default_factory=dict)
     vision_model_type: str = ""  # HF model_type of the tower (e.g. "clip_vision_model"); reference presets need it
+    towers: Mapping[str, TowerInput] = field(default_factory=dict)  # every named tower, "base" first (may be empty
+    # for a spec written by hand: then only the base tower described by the scalar fields exists)
 
     @property
     def tokens_per_layer(self) -> int:
@@ -41,18 +72,18 @@ class ConnectorSpec:
 
 
 @dataclass
-class ConnectorContext:
-    """Per-batch side information for context-aware connectors (text embeddings, guidance)."""
-
-    text_embeds: torch.Tensor | None = None
-    text_mask: torch.Tensor | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class ConnectorOutput:
     tokens: torch.Tensor  # [B, T, D_text]
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def base_features(prepared: "Mapping[str, list[torch.Tensor]] | list[torch.Tensor]") -> list[torch.Tensor]:
+    """The base tower's prepared tensors from :meth:`Connector.forward`'s input (a plain list means base only)."""
+    if isinstance(prepared, Mapping):
+        if BASE_TOWER not in prepared:
+            raise ValueError(f"the connector needs the {BASE_TOWER!r} tower's features; got {sorted(prepared)}")
+        return list(prepared[BASE_TOWER])
+    return list(prepared)
 
 
 class Connector(nn.Module):
@@ -70,24 +101,36 @@ class Connector(nn.Module):
         self.spec = spec
 
     def feature_layers(self) -> list[int]:
-        """Absolute indices of the tower hidden states this connector consumes."""
+        """Absolute indices of the base tower's hidden states this connector consumes."""
         from vlweave.vision.towers import normalize_layers
 
         return normalize_layers(self.spec.select_layer, self.spec.num_vision_layers)
 
+    def tower_layers(self) -> dict[str, list[int]]:
+        """Which hidden states of which named tower the connector needs; towers not named here are never run.
+        Default: the base tower's :meth:`feature_layers`."""
+        return {BASE_TOWER: self.feature_layers()}
+
     def prepare(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Parameter-free, deterministic preprocessing of the selected hidden states (cacheable). Default: none."""
+        """Parameter-free, deterministic preprocessing of the base tower's selected hidden states (cacheable)."""
         return features
 
-    def prepare_signature(self) -> dict[str, Any]:
-        """Everything that changes :meth:`prepare`'s output (part of the feature-cache key)."""
+    def prepare_tower(self, tower: str, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Parameter-free preprocessing of one named tower's selected hidden states (cached per image and tower).
+        Default: :meth:`prepare` for the base tower, nothing for the others."""
+        return self.prepare(features) if tower == BASE_TOWER else features
+
+    def prepare_signature(self, tower: str = BASE_TOWER) -> dict[str, Any]:
+        """Everything that changes :meth:`prepare_tower`'s output for ``tower`` (part of the feature-cache key)."""
         return {}
 
     def num_tokens(self, grid: int | None = None) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, prepared: list[torch.Tensor], context: ConnectorContext | None = None) -> ConnectorOutput:
-        """Visual tokens from the output of :meth:`prepare`."""
+    def forward(self, prepared: Mapping[str, list[torch.Tensor]] | list[torch.Tensor],
+                context: Any = None) -> ConnectorOutput:
+        """Visual tokens ``[N_images, T, D_text]`` from the prepared tensors keyed by tower name (a plain list is
+        the base tower's) and the batch context (:class:`vlweave.context.VlweaveContext`, or None)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
 

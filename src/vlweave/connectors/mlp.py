@@ -26,13 +26,22 @@ the frozen-feature cache stores) and :meth:`forward` (standardise, project, post
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlweave.connectors.base import Connector, ConnectorContext, ConnectorOutput, ConnectorSpec, pool_grid, register
+from vlweave.connectors.base import (
+    BASE_TOWER,
+    Connector,
+    ConnectorOutput,
+    ConnectorSpec,
+    base_features,
+    pool_grid,
+    register,
+)
 from vlweave.connectors.dense import (
     DENSE_KINDS,
     DENSE_OPTIONS,
@@ -88,7 +97,7 @@ class ProjectorConnector(Connector):
     def feature_layers(self) -> list[int]:
         return self.dense.layers if self.dense is not None else super().feature_layers()
 
-    def prepare_signature(self) -> dict[str, Any]:
+    def prepare_signature(self, tower: str = BASE_TOWER) -> dict[str, Any]:
         return {"pool": self.pool, "dense": None if self.dense is None else vars(self.dense)}
 
     def num_tokens(self, grid: int | None = None) -> int:
@@ -115,8 +124,9 @@ class ProjectorConnector(Connector):
         self.feature_std.copy_(x.std(0).clamp_min(1e-6))
 
     # ---- trained part ------------------------------------------------------------------------------------
-    def forward(self, prepared: list[torch.Tensor], context: ConnectorContext | None = None) -> ConnectorOutput:
-        (x,) = prepared
+    def forward(self, prepared: Mapping[str, list[torch.Tensor]] | list[torch.Tensor],
+                context: Any = None) -> ConnectorOutput:
+        (x,) = base_features(prepared)
         if self.standardize:
             x = (x - self.feature_mean.to(x.dtype)) / self.feature_std.to(x.dtype)
         tokens = self.projector(self.input_norm(x))

@@ -35,6 +35,11 @@ class Sample:
     id: str
     conversations: list[dict]
     image: str | None
+    routing: list[str] | list[int] | None = None  # the record's ``routing`` field: expert names or 0/1 bits
+
+    def user_texts(self) -> list[str]:
+        """The human turns' text, ``<image>`` tag removed (what context-aware connectors read)."""
+        return [t["value"].replace("<image>", "").strip() for t in self.conversations if t["from"] in ("human", "user")]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,6 +166,14 @@ def _check_conversations(raw: Any, has_image: bool) -> tuple[list[dict] | None, 
     return turns, [], dropped
 
 
+def _valid_routing(value: Any) -> bool:
+    if not isinstance(value, list):
+        return False
+    names = all(isinstance(v, str) and v for v in value)
+    bits = all(isinstance(v, (bool, int)) and int(v) in (0, 1) for v in value)
+    return names or bits
+
+
 def load_llava_data(
     path: str | Path, image_folder: str | Path | None = None, *, check_images: bool = True
 ) -> list[Sample]:
@@ -192,6 +205,11 @@ def load_llava_data(
             if problem:
                 bad.append(problem)
         has_image = record.get("image") is not None
+        routing = record.get("routing")
+        if routing is not None and not _valid_routing(routing):
+            bad.append(f"'routing' must be a list of expert names or of 0/1 bits, got {routing!r}")
+        elif routing is not None and not has_image:
+            bad.append("'routing' given for a record without an image")
         turns, conv_problems, dropped = _check_conversations(record.get("conversations"), has_image)
         bad.extend(conv_problems)
         if bad:
@@ -200,7 +218,7 @@ def load_llava_data(
         if dropped:
             dropped_leading.append(sample_id)
         assert turns is not None
-        samples.append(Sample(id=sample_id, conversations=turns, image=image))
+        samples.append(Sample(id=sample_id, conversations=turns, image=image, routing=routing))
     if problems:
         raise DataError(_summarise(path, problems, "problem(s) in records") + _folder_hint(folder, check_images))
     if dropped_leading:

@@ -10,8 +10,8 @@ from typing import Any
 
 from vlweave.data.llava_json import load_questions
 from vlweave.eval.vqa import exact_match_report, generate_answers, save_predictions
-from vlweave.train.trainer import make_transform, resolve_data_path, transform_desc
-from vlweave.vision.cache import FeatureStore
+from vlweave.assets import resolve_data_path
+from vlweave.vision.cache import FeatureCache
 
 
 def select_questions(questions: list[dict[str, Any]], limit: int | None, subset_seed: int | None) -> list[dict[str, Any]]:
@@ -35,8 +35,8 @@ def evaluate(model, tokenizer, questions: list[dict[str, Any]], *, out_dir: str 
              batch_size: int = 32, max_new_tokens: int = 8, prompt_suffix: str = "", use_cache: bool = True,
              group_key: str | None = None, progress: bool = True, bf16: bool = False) -> dict[str, Any]:
     store = None
-    if use_cache and not any(p.requires_grad for p in model.vision_tower.parameters()):
-        store = FeatureStore(model, make_transform(model), transform_desc=transform_desc(model))
+    if use_cache and FeatureCache.usable(model):
+        store = FeatureCache(model)
     t0 = time.time()
     answers = generate_answers(model, tokenizer, questions, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                prompt_suffix=prompt_suffix, store=store, progress=progress, bf16=bf16)

@@ -17,8 +17,7 @@ from typing import Any
 from vlweave.data.llava_json import load_questions
 from vlweave.eval.benchmarks import registry
 from vlweave.eval.vqa import generate_answers
-from vlweave.train.trainer import make_transform, transform_desc
-from vlweave.vision.cache import FeatureStore
+from vlweave.vision.cache import FeatureCache
 
 # format -> (file, benchmark whose scorer is used, headline metric path)
 FORMATS = {
@@ -60,8 +59,8 @@ def evaluate_suite(model, tokenizer, folder: str | Path, *, limit_per_domain: in
     """Generate greedy answers for every test question and score per domain and format."""
     suite = load_suite(folder, limit_per_domain)
     store = None
-    if not any(p.requires_grad for p in model.vision_tower.parameters()):
-        store = FeatureStore(model, make_transform(model), transform_desc=transform_desc(model))
+    if FeatureCache.usable(model):
+        store = FeatureCache(model)
     scores: dict[str, dict[str, Any]] = defaultdict(dict)
     details: dict[str, Any] = {}
     for fmt, questions in suite.items():

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vlweave.train.trainer import bf16_available, make_transform
-from vlweave.processing import encode_prompt
-from vlweave.vision.cache import FeatureStore, load_image
+from vlweave.hardware import bf16_available
+from vlweave.processing import encode_prompt, load_image, tower_pixels
+from vlweave.vision.cache import FeatureCache
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
@@ -82,14 +82,13 @@ def generate_answers(
     prompt_suffix: str = "",
     batch_size: int = 32,
     max_new_tokens: int = 8,
-    store: FeatureStore | None = None,
+    store: FeatureCache | None = None,
     progress: bool = True,
     bf16: bool = False,
 ) -> list[str]:
     """Greedy answers for ``questions`` (dicts with ``text`` and an optional ``image``: an absolute path, a PIL
     image or a callable returning one; only paths go through the feature ``store``)."""
     model.eval()
-    transform = make_transform(model)
     prompts = [encode_question(model, tokenizer, q["text"] + prompt_suffix, _has_image(q), template=template,
                                system_prompt=system_prompt, sample_id=str(q.get("question_id", "?")))
                for q in questions]
@@ -114,9 +113,11 @@ def generate_answers(
         kwargs: dict[str, Any] = {}
         if images:
             if store is not None and all(isinstance(p, str) for p in images):
-                kwargs["vision_features"] = [f.to(device) for f in store.batch(images)]
+                kwargs["vision_features"] = {t: [f.to(device) for f in feats]
+                                             for t, feats in store.batch(images).items()}
             else:
-                kwargs["pixel_values"] = torch.stack([transform(open_image(p)) for p in images]).to(device)
+                pixels = tower_pixels(model, [open_image(p) for p in images])
+                kwargs["pixel_values"] = {t: v.to(device) for t, v in pixels.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and bf16_available()):
             out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=stops, pad_token_id=pad_id, **kwargs)

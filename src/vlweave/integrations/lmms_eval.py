@@ -172,9 +172,7 @@ class VlweaveLMM:
     def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
         """``(log P(continuation | context, image), is_greedy)`` per request, in request order."""
         from vlweave.eval.vqa import encode_question, open_image
-        from vlweave.train.trainer import make_transform
-
-        transform = make_transform(self.model)
+        from vlweave.processing import tower_pixels
         encoded: list[tuple[list[int], list[int], Callable[[], Any] | None]] = []
         for request in requests:
             context, continuation, doc_to_visual, doc_id, task, split = request.args
@@ -201,7 +199,8 @@ class VlweaveLMM:
             images = [image for _, _, image in chunk if image is not None]
             kwargs: dict[str, Any] = {}
             if images:
-                kwargs["pixel_values"] = torch.stack([transform(open_image(im)) for im in images]).to(self._device)
+                pixels = tower_pixels(self.model, [open_image(im) for im in images])
+                kwargs["pixel_values"] = {t: v.to(self._device) for t, v in pixels.items()}
             keep = max(len(c) for _, c, _ in chunk) + 1
             with torch.no_grad():
                 logits = self.model(input_ids=ids.to(self._device), attention_mask=mask.to(self._device),

@@ -11,9 +11,7 @@ from typing import Any
 import torch
 
 from vlweave.eval.vqa import stop_token_ids
-from vlweave.processing import encode_prompt
-from vlweave.train.trainer import make_transform
-from vlweave.vision.cache import load_image
+from vlweave.processing import encode_prompt, load_image, make_transform, tower_pixels
 
 
 def load_video_tensor(model, path: str, num_frames: int = 8) -> torch.Tensor:
@@ -39,7 +37,7 @@ class ChatSession:
         self.pixel_values_videos = None
         self.num_visual_tokens = model.num_image_tokens
         if image:
-            self.pixel_values = make_transform(model)(load_image(image)).unsqueeze(0)
+            self.pixel_values = tower_pixels(model, [load_image(image)])
         if video:
             self.pixel_values_videos = load_video_tensor(model, video, num_frames)
             self.num_visual_tokens = model.num_video_tokens(num_frames)

@@ -25,33 +25,17 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from vlweave import assets
+from vlweave.assets import resolve_data_path
 from vlweave.builder import build_model, save_checkpoint
 from vlweave.config import RunConfig, StageConfig
+from vlweave.context import VlweaveContext
 from vlweave.data.collate import pad_batch
 from vlweave.data.llava_json import Sample, load_llava_data
-from vlweave.processing import ImageTransform, encode_conversation
+from vlweave.hardware import bf16_available
+from vlweave.processing import IGNORE_INDEX, encode_conversation, make_transform, tower_pixels, tower_transform
 from vlweave.train.policy import apply_tune_policy, merge_lora
-from vlweave.vision.cache import FeatureStore, load_image
-
-
-def resolve_data_path(spec: str) -> tuple[Path, Path | None]:
-    """``asset:relative/file`` -> (file in the asset folder, asset folder as image root); else a plain path."""
-    if ":" in spec and spec.split(":", 1)[0] in assets.ASSETS:
-        name, rel = spec.split(":", 1)
-        root = assets.pull(name)
-        return root / rel, root
-    return Path(spec), None
-
-
-def make_transform(model) -> ImageTransform:
-    c = model.config
-    return ImageTransform(model.facts.image_size, c.image_mean, c.image_std, aspect=c.image_aspect)
-
-
-def transform_desc(model) -> dict:
-    c = model.config
-    return {"size": model.facts.image_size, "mean": c.image_mean, "std": c.image_std, "aspect": c.image_aspect}
+from vlweave.vision.cache import FeatureCache
+from vlweave.vision.towers import BASE_TOWER
 
 
 def encode_samples(samples: list[Sample], tokenizer, model, template: str, system_prompt: str | None, max_length: int,
@@ -68,7 +52,8 @@ def encode_samples(samples: list[Sample], tokenizer, model, template: str, syste
             max_length=max_length,
             sample_id=s.id,
         )
-        out.append({"input_ids": enc["input_ids"], "labels": enc["labels"], "image": s.image, "id": s.id})
+        out.append({"input_ids": enc["input_ids"], "labels": enc["labels"], "image": s.image, "id": s.id,
+                    "texts": s.user_texts(), "routing": s.routing})
     return out
 
 
@@ -105,14 +90,15 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._seed_all(cfg.train.seed)
         self.model, self.tokenizer = build_model(cfg)
-        self.transform = make_transform(self.model)
+        self.transforms = {n: tower_transform(self.model.tower_specs[n]) for n in self.model.needed_towers()}
         bf16 = cfg.train.bf16 and bf16_available()
         self.accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
         self.model.to(self.accelerator.device)
-        self.store: FeatureStore | None = None
-        vision_trained = any(s.tune.get("vision", "frozen") != "frozen" for s in cfg.train.stages)
+        self.store: FeatureCache | None = None
+        vision_trained = any(p != "frozen" for s in cfg.train.stages for c, p in s.tune.items()
+                             if c == "vision" or c.startswith("vision."))
         if cfg.train.cache_features and not vision_trained:
-            self.store = FeatureStore(self.model, self.transform, transform_desc=transform_desc(self.model))
+            self.store = FeatureCache(self.model)
         self.metrics: list[dict[str, Any]] = []
         self.trained_names: set[str] = set()
         cfg.save(self.run_dir / "config.yaml")
@@ -154,11 +140,14 @@ class Trainer:
             image_token_id=self.model.config.image_token_id,
         )
         images = [e["image"] for e in examples if e["image"]]
+        batch["context"] = VlweaveContext.for_batch([bool(e["image"]) for e in examples],
+                                                    texts=[e.get("texts", []) for e in examples],
+                                                    routing=[e.get("routing") for e in examples])
         if images:
             if self.store is not None:
                 batch["vision_features"] = self.store.batch(images)
             else:
-                batch["pixel_values"] = torch.stack([self.transform(load_image(p)) for p in images])
+                batch["pixel_values"] = tower_pixels(self.model, images, self.transforms)
         return batch
 
     def _optimizer(self, stage: StageConfig) -> torch.optim.Optimizer:
@@ -266,12 +255,12 @@ class Trainer:
         The measured buffers are saved with the model, so resumed runs and exports reuse them."""
         calibrate = getattr(self.model.connector, "calibrate", None)
         images = sorted({e["image"] for e in examples.values() if e["image"]})[:max_images]
-        if calibrate is None or not images:
+        if calibrate is None or not images or BASE_TOWER not in self.model.needed_towers():
             return
         if self.store is not None:
-            feats = self.store.batch(images)
+            feats = self.store.batch(images)[BASE_TOWER]
         else:
-            feats = self.model.vision_features(torch.stack([self.transform(load_image(p)) for p in images]))
+            feats = self.model.vision_features(tower_pixels(self.model, images, self.transforms)[BASE_TOWER])
         calibrate(feats)
         self.trained_names |= {f"connector.{n}" for n, _ in self.model.connector.named_buffers()}
 
@@ -289,8 +278,8 @@ class Trainer:
         acc = self.accelerator
         model = self.model
         model.train()
-        # No dropout anywhere in the frozen tower; LM dropout follows its config.
-        model.vision_tower.eval()
+        # No dropout (and no batch-norm statistics updates) in the towers; LM dropout follows its config.
+        model.vision_towers.eval()
         params = [p for p in model.parameters() if p.requires_grad]
         bar = tqdm(total=total, initial=step, desc=f"stage {index} {stage.name}", disable=not self.progress,
                    unit="step")
@@ -305,7 +294,7 @@ class Trainer:
                     out = model(**batch)
                 acc.backward(out.loss / stage.grad_accum)
                 loss_sum += float(out.loss.detach())
-                n_tok += int((batch["labels"][:, 1:] != -100).sum())
+                n_tok += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm) if stage.max_grad_norm else None
             optimizer.step()
             scheduler.step()
@@ -356,15 +345,7 @@ class Trainer:
         return path
 
 
-def bf16_available() -> bool:
-    """Native bf16 only: without AMX/AVX512-BF16 a CPU emulates bf16 matmuls ~100x slower than fp32
-    (measured on this project's CI machine: 1.2 vs 135 GFLOP/s), so autocast would be a trap there."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:  # AMX/AVX512-BF16 CPUs run bf16 matmuls natively
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+__all__ = ["Trainer", "bf16_available", "make_transform", "resolve_data_path", "train"]  # (re-exported names)
 
 
 def train(cfg: RunConfig, *, resume: str | Path | None = None, progress: bool = True) -> Trainer:

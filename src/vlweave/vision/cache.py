@@ -1,9 +1,14 @@
 """Frozen-feature cache: a frozen tower runs once per image, not once per epoch/stage/seed.
 
-Stores the connector's *prepared* input (selected hidden states after the CLS strategy and the connector's
-parameter-free ``prepare``: pooling, Dense Connector fusion; before anything trainable) per image
-path, in memory and optionally on disk (one safetensors file per (tower, transform, layers) key under
-``cache_dir()/features``), so repeated runs on the same images skip the tower entirely.
+Stores the connector's *prepared* input of one named tower (its selected hidden states after the prefix strategy
+and the connector's parameter-free ``prepare_tower``: pooling, Dense Connector fusion; before anything trainable)
+per image path, in memory and optionally on disk (one safetensors file per key under ``cache_dir()/features``), so
+repeated runs on the same images skip the tower entirely.
+
+The key of a (tower, connector) pair is :func:`tower_cache_key`: the tower's config and facts, a fingerprint of its
+weights, its transform, the layers the connector takes from it and the connector's prepare signature.
+:class:`FeatureCache` is the one place that creates stores: one per tower the connector needs; towers it does not
+need are never run.
 """
 
 from __future__ import annotations
@@ -11,58 +16,64 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from vlweave import assets
+from vlweave.processing import load_image, tower_transform  # noqa: F401  (re-exported: older imports read it from here)
+from vlweave.vision.towers import BASE_TOWER
 
 
-def load_image(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: cannot read image: {exc}") from None
+@torch.no_grad()
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A cheap identity of a module's weights (sum and sum of squares per tensor, in float64): the same config
+    with other weights must not share a cache."""
+    h = hashlib.sha256()
+    for name, p in module.state_dict().items():
+        if p.is_floating_point():
+            x = p.detach().double()
+            h.update(f"{name}:{tuple(p.shape)}:{float(x.sum()):.12e}:{float((x * x).sum()):.12e};".encode())
+    return h.hexdigest()[:16]
 
 
-def cache_key(model, transform_desc: dict) -> str:
-    """Identity of what the cache stores: tower weights' config + input transform + selected layers."""
-    cfg = model.config
+def tower_cache_key(model, tower: str = BASE_TOWER) -> str:
+    """Identity of what a store holds for ``tower``: config, facts, weights, transform, layers, prepare step."""
+    spec = model.tower_specs[tower]
     desc = {
-        "vision": cfg.vision_config.to_dict(),
-        "image_size": model.facts.image_size,
-        "layers": model.connector.feature_layers(),
-        "prepare": model.connector.prepare_signature(),
-        "strategy": cfg.vision_feature_select_strategy,
-        "transform": transform_desc,
-        # A cheap fingerprint of the weights: the same config with other weights must not share a cache.
-        "weights": float(sum(p.double().sum() for p in list(model.vision_tower.parameters())[:4])),
+        "tower": tower,
+        "config": spec.config.to_dict(),
+        "facts": spec.facts.to_dict(),
+        "layers": model.connector.tower_layers()[tower],
+        "prepare": model.connector.prepare_signature(tower),
+        "strategy": spec.select_strategy,
+        "transform": spec.transform_desc(),
+        "weights": weights_fingerprint(model.vision_towers[tower]),
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class FeatureStore:
-    """Image path -> list of per-layer feature tensors [N, C] for a frozen tower."""
+    """Image path -> the prepared feature tensors [N, C] of one frozen tower (create through :class:`FeatureCache`)."""
 
     def __init__(
         self,
         model,
-        transform: Callable[[Image.Image], torch.Tensor],
+        transform: Callable[[Any], torch.Tensor],
         *,
-        transform_desc: dict,
+        tower: str = BASE_TOWER,
         dtype: torch.dtype = torch.float32,
         persist: bool = True,
         batch_size: int = 64,
     ) -> None:
         self.model = model
+        self.tower = tower
         self.transform = transform
         self.dtype = dtype
         self.batch_size = batch_size
-        self.key = cache_key(model, transform_desc)
+        self.key = tower_cache_key(model, tower)
         self.path = assets.cache_dir() / "features" / f"{self.key}.safetensors" if persist else None
         self._feats: dict[str, list[torch.Tensor]] = {}
         self._dirty = False
@@ -102,7 +113,7 @@ class FeatureStore:
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
             pixels = torch.stack([self.transform(load_image(p)) for p in chunk])
-            feats = self.model.vision_features(pixels)
+            feats = self.model.prepare_tower_features(self.tower, pixels)
             for i, p in enumerate(chunk):
                 self._feats[p] = [f[i].to(device="cpu", dtype=self.dtype).clone() for f in feats]  # cache lives in host RAM
             bar.update(len(chunk))
@@ -114,3 +125,30 @@ class FeatureStore:
         """Stacked per-layer features [B, N, C] for the given image paths (all must be cached)."""
         rows = [self._feats[p] for p in paths]
         return [torch.stack([r[j] for r in rows]).float() for j in range(len(rows[0]))]
+
+
+class FeatureCache:
+    """The frozen-feature stores of every tower a model's connector needs, keyed by tower name."""
+
+    def __init__(self, model, *, persist: bool = True, dtype: torch.dtype = torch.float32) -> None:
+        self.stores: dict[str, FeatureStore] = {
+            name: FeatureStore(model, tower_transform(model.tower_specs[name]), tower=name, persist=persist,
+                               dtype=dtype)
+            for name in model.needed_towers()
+        }
+
+    @staticmethod
+    def usable(model) -> bool:
+        """Caching is exact only for frozen towers."""
+        return not any(p.requires_grad for n in model.needed_towers() for p in model.vision_towers[n].parameters())
+
+    def ensure(self, paths: Sequence[str], progress: bool = True) -> None:
+        for name, store in self.stores.items():
+            store.ensure(paths, progress, desc=f"caching tower features ({name})")
+
+    def __contains__(self, path: str) -> bool:
+        return all(path in store for store in self.stores.values())
+
+    def batch(self, paths: Sequence[str]) -> dict[str, list[torch.Tensor]]:
+        """Per tower: stacked prepared features [B, N, C] for ``paths`` (all must be cached)."""
+        return {name: store.batch(paths) for name, store in self.stores.items()}

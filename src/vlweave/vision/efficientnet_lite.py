@@ -215,5 +215,27 @@ def convert_package_state_dict(state_dict: dict[str, torch.Tensor],
     return out
 
 
+def layer_shapes(config: EfficientNetLiteConfig, image_size: int) -> list[tuple[int, int, int]]:
+    """``(channels, grid_h, grid_w)`` of every hidden state (stem, stages, head) at ``image_size`` px: "SAME"
+    padding makes each strided layer output ``ceil(input / stride)``."""
+    side = math.ceil(image_size / 2)
+    shapes = [(config.stem_channels, side, side)]
+    for _, _, stride, _, cout in config.stages:
+        side = math.ceil(side / stride)
+        shapes.append((cout, side, side))
+    shapes.append((config.hidden_size, side, side))
+    return shapes
+
+
+def tower_facts(config: EfficientNetLiteConfig, image_size: int):
+    """The tower facts vlweave builds connectors from (registered in ``vlweave.vision.towers``)."""
+    from vlweave.vision.towers import TowerFacts
+
+    shapes = layer_shapes(config, image_size)
+    channels, grid, _ = shapes[-1]
+    return TowerFacts(hidden_size=channels, num_layers=len(shapes) - 1, patch_size=image_size // grid,
+                      image_size=image_size, num_prefix_tokens=0, layer_shapes=tuple(shapes))
+
+
 AutoConfig.register(EfficientNetLiteConfig.model_type, EfficientNetLiteConfig, exist_ok=True)
 AutoModel.register(EfficientNetLiteConfig, EfficientNetLiteVisionModel, exist_ok=True)
