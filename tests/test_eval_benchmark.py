@@ -16,7 +16,7 @@ from helpers import draw_image, isolated_env, make_run
 from vlweave.builder import build_model, load_checkpoint, save_checkpoint
 from vlweave.cli import main
 from vlweave.eval.benchmark_run import read_predictions
-from vlweave.eval.benchmarks import SCORERS, expand_circular, score_benchmark
+from vlweave.eval.benchmarks import SCORERS, expand_circular, parse_benchmark, score_benchmark
 from vlweave.eval.benchmarks.inputs import (
     load_benchmark, mme_prompt, multiple_choice_prompt, scienceqa_prompt, short_answer_prompt,
 )
@@ -64,6 +64,12 @@ def _run(checkpoint: Path, out: Path, *args: str) -> dict:
 
 def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def _check_parsed(rows: list[dict], name: str, records: list | None, parser: str | None = None) -> None:
+    """Every saved prediction carries the parse the scorer compared (under the recorded parser)."""
+    assert [r["parsed"] for r in rows] == parse_benchmark(name, [r["prediction"] for r in rows], records,
+                                                          parser=parser)
 
 
 def _check_record(metrics: dict, name: str, checkpoint: Path, n: int) -> None:
@@ -143,6 +149,8 @@ def test_pope(checkpoint, tmp_path):
     records = attach_pope_labels(read_pope(pope / "llava_pope_test.jsonl", require_label=False), pope / "coco")
     direct = score_benchmark("pope", read_predictions(out / "predictions.jsonl"), records)
     assert metrics["metrics"] == direct["metrics"] and metrics["headline"] == direct["headline"]
+    _check_parsed(rows, "pope", records)
+    assert all(r["parsed"] in ("yes", "no") for r in rows)  # LLaVA's parser: every answer is yes or no
     assert set(metrics["metrics"]["splits"]) == {"random", "popular"}
     # The folder works as --data too (default image folder: the data folder -> give it), --split keeps one split.
     out2 = tmp_path / "out2"
@@ -181,6 +189,8 @@ def test_mme(checkpoint, tmp_path):
     assert rows[-1]["prompt"] == "Is this artwork green?" + SA
     direct = score_benchmark("mme", read_predictions(out / "predictions.jsonl"), read_mme(mme))
     assert metrics["metrics"] == direct["metrics"]
+    _check_parsed(rows, "mme", read_mme(mme))
+    assert metrics["parser"] == "official"
     assert set(metrics["metrics"]["subtasks"]) == {"existence", "artwork"}
     # --limit counts images: both questions of the first image stay together.
     out2 = tmp_path / "out2"
@@ -227,6 +237,17 @@ def test_mmbench_base64_images_in_memory(checkpoint, tmp_path):
     records = expand_circular(read_mmbench_tsv(tsv))
     direct = score_benchmark("mmbench", read_predictions(out / "predictions.jsonl"), records)
     assert metrics["metrics"] == direct["metrics"] and metrics["metrics"]["n_questions"] == 3
+    _check_parsed(rows, "mmbench", records)
+    assert metrics["parser"] == "vlmevalkit"
+    # The lmms-eval rule is selectable from the command line; the metrics file records it and the saved parses
+    # follow it.
+    out_lmms = tmp_path / "out_lmms"
+    lmms = _run(checkpoint, out_lmms, "--benchmark", "mmbench", "--data", str(tsv), "--parser", "lmms_eval")
+    assert lmms["parser"] == "lmms_eval"
+    lmms_rows = _rows(out_lmms)
+    _check_parsed(lmms_rows, "mmbench", records, parser="lmms_eval")
+    again = score_benchmark("mmbench", read_predictions(out_lmms / "predictions.jsonl"), records, parser="lmms_eval")
+    assert lmms["metrics"] == again["metrics"]
     # The in-memory images give the same answers as the same pictures read from files.
     files = []
     for record in records:
@@ -245,6 +266,8 @@ def test_mmbench_test_split_is_written_not_scored(checkpoint, tmp_path, capsys):
     metrics = _run(checkpoint, out, "--benchmark", "mmbench", "--data", str(tsv), "--limit", "1")
     assert metrics["scored"] is False and metrics["metrics"] is None and "OpenCompass" in metrics["unscored_reason"]
     assert metrics["prompt_suffix"] == MC and metrics["n"] == 3 and len(_rows(out)) == 3
+    # No answers, but the choice each prediction names is still saved (the parse reads only the options).
+    _check_parsed(_rows(out), "mmbench", load_benchmark("mmbench", tsv, limit=1).records)
     assert "not scored" in capsys.readouterr().err
 
 
@@ -276,6 +299,8 @@ def test_scienceqa_llava_file_with_problems(checkpoint, tmp_path):
     truth = {r.question_id: r for r in read_scienceqa(sqa / "problems.json")}
     direct = score_benchmark("scienceqa_img", read_predictions(out / "predictions.jsonl"), [truth["7"], truth["9"]])
     assert metrics["metrics"] == direct["metrics"]
+    _check_parsed(rows, "scienceqa_img", None)
+    assert metrics["metrics"]["n_missing"] == 0
 
 
 def test_textvqa_and_gqa(checkpoint, tmp_path):

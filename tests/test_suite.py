@@ -57,6 +57,10 @@ def test_scores_gold_and_always_yes(folder, tmp_path, monkeypatch):
     assert all(v == 1.0 for by_fmt in report["scores"].values() for v in by_fmt.values())
     assert report["how"]["scenes/mc"]["benchmark"] == "mmbench" and report["how"]["charts/yesno"]["parser"] == "llava"
     assert json.loads((tmp_path / "gold" / "suite_metrics.json").read_text())["mean"] == 1.0
+    assert report["how"]["scenes/mc"]["parser"] == "vlmevalkit"
+    # Saved predictions carry the scorer's parse: gold multiple-choice answers are their own letters.
+    mc_rows = [json.loads(line) for line in (tmp_path / "gold" / "predictions_mc.jsonl").read_text().splitlines()]
+    assert mc_rows and all(r["parsed"] == r["answer"] for r in mc_rows)
     monkeypatch.setattr(suite_mod, "generate_answers", _fake_answers("yes"))
     full = suite_mod.load_suite(folder)
     yes_share = {d: sum(q["answer"] == "yes" for q in full["yesno"] if q["domain"] == d) /

@@ -144,6 +144,12 @@ def _benchmark_names() -> list[str]:
     return list(SCORERS)
 
 
+def _benchmark_parsers() -> str:
+    from vlweave.eval.benchmarks.registry import SCORERS
+
+    return "; ".join(f"{name}: {'|'.join(spec.parsers)}" for name, spec in SCORERS.items())
+
+
 def _benchmark_epilog() -> str:
     import textwrap
 
@@ -202,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "ScienceQA: problems.json; VQAv2/TextVQA/GQA: annotation JSON)")
     e.add_argument("--split", help="--benchmark split (recorded; POPE: keep one of adversarial/popular/random; "
                                    "ScienceQA: the problems.json split, default test)")
-    e.add_argument("--parser", help="--benchmark answer parser (default: the one LLaVA-1.5's numbers used)")
+    e.add_argument("--parser", help="--benchmark answer parser; default: the first listed, the rule the "
+                                    "benchmark's headline numbers were computed with (" + _benchmark_parsers() + ")")
     e.add_argument("--limit", type=int, help="first N questions (with --benchmark: MMBench questions with all "
                                              "their circular copies, MME images with both questions)")
     e.add_argument("--subset-seed", type=int, default=None)

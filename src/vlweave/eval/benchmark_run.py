@@ -16,7 +16,7 @@ from typing import Any
 
 from vlweave import __version__
 from vlweave.eval.benchmarks.inputs import BenchmarkInputs
-from vlweave.eval.benchmarks.registry import get_benchmark, score_benchmark
+from vlweave.eval.benchmarks.registry import get_benchmark, parse_benchmark, score_benchmark
 from vlweave.eval.vqa import generate_answers
 
 # LLaVA's model_vqa_loader.py / model_vqa_mmbench.py default (methods.md §0.8).
@@ -27,13 +27,18 @@ def _jsonable(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else str(value)
 
 
-def write_predictions(path: str | Path, inputs: BenchmarkInputs, answers: list[str]) -> None:
-    """One JSON line per question: ``question_id`` (MMBench: the row index), ``prompt``, ``prediction``, ``gold``
-    and ``image`` (the path; ``null`` for images decoded in memory)."""
+def write_predictions(path: str | Path, inputs: BenchmarkInputs, answers: list[str],
+                      parsed: list[Any] | None = None) -> None:
+    """One JSON line per question: ``question_id`` (MMBench: the row index), ``prompt``, ``prediction``,
+    ``parsed`` (what the scorer's parser made of the prediction -- see :func:`registry.parse_benchmark`; written
+    when given), ``gold`` and ``image`` (the path; ``null`` for images decoded in memory)."""
     with open(path, "w", encoding="utf-8") as fh:
-        for item, answer in zip(inputs.items, answers):
-            row = {"question_id": item.question_id, "prompt": item.prompt, "prediction": answer,
-                   "gold": _jsonable(item.gold), "image": item.image if isinstance(item.image, str) else None}
+        for position, (item, answer) in enumerate(zip(inputs.items, answers)):
+            row = {"question_id": item.question_id, "prompt": item.prompt, "prediction": answer}
+            if parsed is not None:
+                row["parsed"] = _jsonable(parsed[position])
+            row.update({"gold": _jsonable(item.gold),
+                        "image": item.image if isinstance(item.image, str) else None})
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
@@ -63,7 +68,9 @@ def run_benchmark(model, tokenizer, inputs: BenchmarkInputs, *, out_dir: str | P
     seconds = time.time() - t0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_predictions(out / "predictions.jsonl", inputs, answers)
+    # The parse needs no ground truth (MMBench reads only the options), so test splits get it too.
+    parsed = parse_benchmark(inputs.benchmark, answers, inputs.records, parser=described["parser"])
+    write_predictions(out / "predictions.jsonl", inputs, answers, parsed)
 
     if inputs.unscored_reason is None:
         report = score_benchmark(inputs.benchmark, answers, inputs.records, split=inputs.split,

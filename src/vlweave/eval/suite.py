@@ -3,7 +3,8 @@
 Three test files, each scored by the scorer of the benchmark it imitates: yes/no -> POPE (LLaVA parser; accuracy,
 F1, yes-ratio), multiple choice with every circular rotation -> MMBench circular accuracy (rule-based choice
 extraction), short answer -> VQAv2 10-answer accuracy (official normalisation).  Scores are per domain (scenes,
-documents, charts) and format; every number is recorded with its scorer and parser.
+documents, charts) and format; every number is recorded with its scorer and parser, and every saved prediction
+with its parse.
 """
 
 from __future__ import annotations
@@ -70,9 +71,11 @@ def evaluate_suite(model, tokenizer, folder: str | Path, *, limit_per_domain: in
                                    store=store, progress=progress)
         if out_dir is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
+            parsed = registry.parse_benchmark(bench, answers, questions)  # what the scorer compares, per item
             with open(Path(out_dir) / f"predictions_{fmt}.jsonl", "w") as fh:
-                for q, a in zip(questions, answers):
-                    fh.write(json.dumps({"question_id": q["question_id"], "prediction": a, "answer": q["answer"]}) + "\n")
+                for q, a, p in zip(questions, answers, parsed):
+                    fh.write(json.dumps({"question_id": q["question_id"], "prediction": a, "parsed": p,
+                                         "answer": q["answer"]}) + "\n")
         for domain in sorted({q["domain"] for q in questions}):
             idx = [i for i, q in enumerate(questions) if q["domain"] == domain]
             result = registry.score_benchmark(bench, [answers[i] for i in idx], [questions[i] for i in idx])

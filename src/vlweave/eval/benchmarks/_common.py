@@ -42,27 +42,29 @@ def record_label(record: Any, position: int) -> str:
     return f"record {position}"
 
 
-def align_predictions(predictions: Sequence[str] | Mapping[Any, str], records: Sequence[Any],
-                      id_fields: Sequence[str] = ("question_id",)) -> list[str]:
+def align_predictions(predictions: Sequence[str | None] | Mapping[Any, str | None], records: Sequence[Any],
+                      id_fields: Sequence[str] = ("question_id",), *,
+                      allow_missing: bool = False) -> list[str | None]:
     """Predictions as a list aligned with ``records``.
 
     ``predictions`` is either a sequence in the same order as ``records`` (same length), or a mapping from the
     record id (the first of ``id_fields`` a record carries; keys are compared as strings) to the prediction.
-    A missing prediction or a non-string one raises ``ValueError``; extra mapping keys are ignored.
+    Extra mapping keys are ignored.  A missing prediction (an id without a key, or ``None``) raises
+    ``ValueError``, unless ``allow_missing``: then it is ``None`` in the result (ScienceQA's official script
+    scores a missing prediction as FAILED instead of stopping).  A non-string prediction raises ``ValueError``.
     """
     if isinstance(predictions, str):
         raise ValueError("predictions must be a sequence or a mapping of strings, not a single string")
     if isinstance(predictions, Mapping):
         by_id = {str(k): v for k, v in predictions.items()}
-        out: list[str] = []
+        out: list[str | None] = []
         missing: list[str] = []
         for record in records:
             rid = str(get_field(record, *id_fields))
             if rid not in by_id:
                 missing.append(rid)
-            else:
-                out.append(by_id[rid])
-        if missing:
+            out.append(by_id.get(rid))
+        if missing and not allow_missing:
             shown = ", ".join(repr(m) for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise ValueError(f"{len(missing)} record(s) have no prediction: {shown}")
     else:
@@ -70,6 +72,8 @@ def align_predictions(predictions: Sequence[str] | Mapping[Any, str], records: S
         if len(out) != len(records):
             raise ValueError(f"{len(out)} predictions for {len(records)} ground-truth records")
     for position, value in enumerate(out):
+        if value is None and allow_missing:
+            continue
         if not isinstance(value, str):
             raise ValueError(f"prediction for {record_label(records[position], position)} is "
                              f"{type(value).__name__}, expected str")
@@ -83,9 +87,22 @@ def apply_prompt_suffix(text: str, suffix: str) -> str:
     return text + suffix
 
 
-def ratio(numerator: float, denominator: float) -> float:
-    """``numerator / denominator``, or 0.0 when the denominator is 0 (lmms-eval's convention for empty sets)."""
-    return numerator / denominator if denominator else 0.0
+def ratio(numerator: float, denominator: float) -> float | None:
+    """``numerator / denominator``, or ``None`` when the denominator is 0.
+
+    An empty set has no accuracy, precision or recall: ``None`` (JSON ``null``) says so, where 0.0 would read as a
+    measured zero.  (The reference scripts divide by zero there: LLaVA's ``eval_pope.py`` raises, lmms-eval's POPE
+    aggregates raise, sklearn warns and returns 0.)
+    """
+    return numerator / denominator if denominator else None
+
+
+def mean_or_none(values: Sequence[float | None]) -> float | None:
+    """The mean of ``values``; ``None`` if there are none or any is ``None`` (an undefined part leaves the mean
+    undefined, rather than silently averaging over fewer parts)."""
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)  # type: ignore[arg-type]
 
 
 def _short(record: Any) -> str:

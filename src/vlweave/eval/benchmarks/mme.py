@@ -44,14 +44,19 @@ def canonical_mme_subtask(name: str) -> str:
 def parse_mme_answer(text: str, parser: str = "official") -> str:
     """Map a generated answer to ``"yes"``, ``"no"`` or ``"other"``.
 
-    ``official`` (methods.md 4.1): lower-case, strip, delete every "."; exactly "yes"/"no" is kept; otherwise the
-    first 4 characters decide: containing "yes" -> yes, else containing "no" -> no, else other.
-    ``lmms_eval``: the same, plus a one-character answer "y"/"n" maps to yes/no (any other single character is
-    "other").
+    ``official`` (MME ``eval_tool/calculation.py``, methods.md 4.1): the answer is only lower-cased -- no strip, no
+    removal of "." -- so leading spaces or dots push "yes" out of view ("   yes" and "..Yes" are "other").  Exactly
+    "yes"/"no" is kept; otherwise the first 4 characters decide: containing "yes" -> yes, else containing "no" ->
+    no (so "nope", "not sure", "None" and "know" are "no"), else other.
+    ``lmms_eval`` (lmms-eval ``tasks/mme/utils.py``): lower-case, strip and delete every "." first, then the same
+    rule, plus a one-character answer "y"/"n" maps to yes/no (any other single character is "other").
     """
-    if parser not in MME_PARSERS:
+    if parser == "official":
+        answer = text.lower()
+    elif parser == "lmms_eval":
+        answer = text.lower().strip().replace(".", "")
+    else:
         raise ValueError(f"unknown MME parser {parser!r}; expected one of {MME_PARSERS}")
-    answer = text.lower().strip().replace(".", "")
     if answer in ("yes", "no"):
         return answer
     if parser == "lmms_eval" and len(answer) == 1:
@@ -64,6 +69,11 @@ def parse_mme_answer(text: str, parser: str = "official") -> str:
     return "other"
 
 
+def parse_mme_item(prediction: str | None, record: Any = None, parser: str = "official") -> str:
+    """The per-item parse the scorer uses (``record`` is not needed: the rule reads the answer alone)."""
+    return parse_mme_answer(prediction or "", parser)
+
+
 def score_mme(predictions: Sequence[str] | Mapping[Any, str], records: Sequence[Any], *,
               parser: str = "official", strict: bool = True) -> dict[str, Any]:
     """Score MME predictions.
@@ -71,7 +81,8 @@ def score_mme(predictions: Sequence[str] | Mapping[Any, str], records: Sequence[
     ``records`` carry ``subtask`` (or ``category``; any case), the image (``image_name`` or ``image``) and the
     ground-truth ``answer`` ("yes"/"no", any case).  ``predictions`` are aligned with ``records`` or keyed by
     ``question_id``.  With ``strict`` every image must have exactly 2 questions (the official tool asserts this);
-    without it, ``acc_plus`` counts images whose questions are all correct.
+    without it, ``acc_plus`` counts images whose questions are all correct.  ``parser``: see
+    :func:`parse_mme_answer` (default ``official``, the rule the MME leaderboard numbers were computed with).
 
     Returns ``perception``, ``cognition``, ``total`` (their sum), ``n_questions``, ``n_other`` (unparseable
     answers), ``complete`` (all 14 subtasks present) and ``subtasks``: per subtask ``acc``, ``acc_plus``, ``score``,

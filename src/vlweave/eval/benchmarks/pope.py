@@ -10,7 +10,10 @@ Two answer parsers:
 
 ``yes_ratio`` is always the share of *predictions* parsed as yes (LLaVA's definition).  lmms-eval's
 ``pope_yes_ratio`` reports the share of yes *labels* instead; that number is given as ``label_yes_ratio``.
-Ratios are fractions in [0, 1]; a metric whose denominator is 0 is 0.0.
+Ratios are fractions in [0, 1].  A ratio whose denominator is 0 is ``None`` (JSON ``null``), not 0: precision
+without a single "yes" prediction, recall without a single "yes" label, accuracy of an empty set.  F1 is ``None``
+when precision or recall is, and 0.0 when both are 0.  (LLaVA's ``eval_pope.py`` and lmms-eval's aggregates divide
+by zero in these cases.)  ``mean_f1`` / ``mean_accuracy`` are ``None`` when any split's value is.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vlweave.eval.benchmarks._common import align_predictions, get_field, ratio, record_label
+from vlweave.eval.benchmarks._common import align_predictions, get_field, mean_or_none, ratio, record_label
 
 POPE_SPLITS: tuple[str, ...] = ("adversarial", "popular", "random")
 POPE_PARSERS: tuple[str, ...] = ("llava", "lmms_eval")
@@ -36,8 +39,21 @@ def parse_pope_answer(text: str, parser: str = "llava") -> str:
     raise ValueError(f"unknown POPE parser {parser!r}; expected one of {POPE_PARSERS}")
 
 
-def pope_metrics(parsed: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
-    """Accuracy, precision, recall, F1, yes-ratio (+ TP/FP/TN/FN counts) of parsed answers against yes/no labels."""
+def parse_pope_item(prediction: str | None, record: Any = None, parser: str = "llava") -> str:
+    """The per-item parse the scorer uses (``record`` is not needed)."""
+    return parse_pope_answer(prediction or "", parser)
+
+
+def _f1(precision: float | None, recall: float | None) -> float | None:
+    if precision is None or recall is None:
+        return None
+    # Both 0 (no true positive, but yes predictions and yes labels exist): the harmonic mean's limit, 0.
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
+def pope_metrics(parsed: Sequence[str], labels: Sequence[str]) -> dict[str, float | int | None]:
+    """Accuracy, precision, recall, F1, yes-ratio (+ TP/FP/TN/FN counts) of parsed answers against yes/no labels;
+    ``None`` where a denominator is 0 (module docstring)."""
     if len(parsed) != len(labels):
         raise ValueError(f"{len(parsed)} parsed answers for {len(labels)} labels")
     tp = fp = tn = fn = 0
@@ -55,7 +71,7 @@ def pope_metrics(parsed: Sequence[str], labels: Sequence[str]) -> dict[str, floa
         "accuracy": ratio(tp + tn, n),
         "precision": precision,
         "recall": recall,
-        "f1": ratio(2 * precision * recall, precision + recall),
+        "f1": _f1(precision, recall),
         "yes_ratio": ratio(sum(a == "yes" for a in parsed), n),
         "label_yes_ratio": ratio(sum(label == "yes" for label in labels), n),
         "tp": tp, "fp": fp, "tn": tn, "fn": fn,
@@ -74,10 +90,10 @@ def score_pope(predictions: Sequence[str] | Mapping[Any, str], records: Sequence
 
     Returns ``splits`` (per split: the :func:`pope_metrics` dict), ``pooled`` (all records together, as lmms-eval's
     ``pope`` task), ``mean_f1`` and ``mean_accuracy`` over the splits present (LLaVA-1.5 tables report mean F1,
-    TinyLLaVA mean accuracy), and ``n_splits``.
+    TinyLLaVA mean accuracy; ``None`` without splits or when a split's value is ``None``), and ``n_splits``.
     """
     preds = align_predictions(predictions, records)
-    parsed = [parse_pope_answer(p, parser) for p in preds]
+    parsed = [parse_pope_item(p, None, parser) for p in preds]
     labels: list[str] = []
     groups: dict[str, list[int]] = {}
     for position, record in enumerate(records):
@@ -93,7 +109,7 @@ def score_pope(predictions: Sequence[str] | Mapping[Any, str], records: Sequence
     return {
         "splits": splits,
         "pooled": pope_metrics(parsed, labels),
-        "mean_f1": ratio(sum(m["f1"] for m in splits.values()), len(splits)),
-        "mean_accuracy": ratio(sum(m["accuracy"] for m in splits.values()), len(splits)),
+        "mean_f1": mean_or_none([m["f1"] for m in splits.values()]),
+        "mean_accuracy": mean_or_none([m["accuracy"] for m in splits.values()]),
         "n_splits": len(splits),
     }

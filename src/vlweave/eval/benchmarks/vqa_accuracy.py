@@ -25,7 +25,7 @@ Protocols (``parser=``):
   punctuation processing only.  :func:`score_vqav2` first passes predictions through
   :func:`normalize_vqa_answer`, as LLaVA's ``scripts/convert_vqav2_for_submission.py`` does before upload.
 
-Accuracies are fractions in [0, 1].
+Accuracies are fractions in [0, 1]; ``None`` over an empty set.
 """
 
 from __future__ import annotations
@@ -111,20 +111,36 @@ def _answer_strings(answers: Any, where: str) -> list[str]:
     return out
 
 
+def vqa_processed_prediction(prediction: str, parser: str = "evalai") -> str:
+    """The prediction as the ``parser`` protocol compares it with the answers (module docstring)."""
+    if parser == "evalai":
+        return normalize_vqa_answer(prediction)
+    if parser == "official":
+        pred = prediction.replace("\n", " ").replace("\t", " ").strip()
+        return vqa_process_digit_article(vqa_process_punctuation(pred))
+    raise ValueError(f"unknown VQA parser {parser!r}; expected one of {VQA_PARSERS}")
+
+
+def parse_vqav2_item(prediction: str | None, record: Any = None, parser: str = "official") -> str:
+    """The per-item parse :func:`score_vqav2` compares (``official``: after LLaVA's submission normalisation)."""
+    text = prediction or ""
+    return vqa_processed_prediction(normalize_vqa_answer(text) if parser == "official" else text, parser)
+
+
+def parse_textvqa_item(prediction: str | None, record: Any = None, parser: str = "evalai") -> str:
+    """The per-item parse :func:`score_textvqa` compares."""
+    return vqa_processed_prediction(prediction or "", parser)
+
+
 def vqa_soft_accuracy(prediction: str, answers: Sequence[str] | Sequence[Mapping[str, Any]], *,
                       parser: str = "evalai") -> float:
     """Soft accuracy in [0, 1] of one prediction against the human answers (leave-one-out, min(1, matches/3))."""
     gold = _answer_strings(answers, "vqa_soft_accuracy")
+    pred = vqa_processed_prediction(prediction, parser)
     if parser == "evalai":
-        pred = normalize_vqa_answer(prediction)
         gold = [normalize_vqa_answer(a) for a in gold]
-    elif parser == "official":
-        pred = prediction.replace("\n", " ").replace("\t", " ").strip()
-        pred = vqa_process_digit_article(vqa_process_punctuation(pred))
-        if len(set(gold)) > 1:
-            gold = [vqa_process_punctuation(a) for a in gold]
-    else:
-        raise ValueError(f"unknown VQA parser {parser!r}; expected one of {VQA_PARSERS}")
+    elif len(set(gold)) > 1:  # official: answers are punctuation-processed only when they disagree
+        gold = [vqa_process_punctuation(a) for a in gold]
     equal = [a == pred for a in gold]
     total = sum(equal)
     return sum(min(1.0, (total - own) / 3) for own in equal) / len(gold)
@@ -182,6 +198,11 @@ def normalize_gqa_answer(text: str, parser: str = "llava") -> str:
     if parser == "lmms_eval":
         return text.strip().lower().translate(_ALL_PUNCTUATION)
     raise ValueError(f"unknown GQA parser {parser!r}; expected one of {GQA_PARSERS}")
+
+
+def parse_gqa_item(prediction: str | None, record: Any = None, parser: str = "llava") -> str:
+    """The per-item parse :func:`score_gqa` compares."""
+    return normalize_gqa_answer(prediction or "", parser)
 
 
 def score_gqa(predictions: Sequence[str] | Mapping[Any, str], records: Sequence[Any], *,
