@@ -25,9 +25,8 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlweave.connectors import ConnectorContext, ConnectorSpec, build_connector
+from vlweave.processing import IGNORE_INDEX
 from vlweave.vision.towers import TowerFacts, run_tower, select_features, tower_facts, vision_sub_config
-
-IGNORE_INDEX = -100
 
 
 class ImageTokenMismatchError(ValueError):
@@ -273,7 +272,7 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel):
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         if not bool(keep.any()):
-            raise ValueError("batch has no supervised token (all labels are -100)")
+            raise ValueError(f"batch has no supervised token (all labels are {IGNORE_INDEX})")
         logits = self.get_output_embeddings()(hidden[:, :-1][keep])
         loss = F.cross_entropy(logits.float(), targets[keep])
         for value in aux.values():

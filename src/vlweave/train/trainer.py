@@ -30,7 +30,7 @@ from vlweave.builder import build_model, save_checkpoint
 from vlweave.config import RunConfig, StageConfig
 from vlweave.data.collate import pad_batch
 from vlweave.data.llava_json import Sample, load_llava_data
-from vlweave.processing import ImageTransform, encode_conversation
+from vlweave.processing import IGNORE_INDEX, ImageTransform, encode_conversation
 from vlweave.train.policy import apply_tune_policy, merge_lora
 from vlweave.vision.cache import FeatureStore, load_image
 
@@ -305,7 +305,7 @@ class Trainer:
                     out = model(**batch)
                 acc.backward(out.loss / stage.grad_accum)
                 loss_sum += float(out.loss.detach())
-                n_tok += int((batch["labels"][:, 1:] != -100).sum())
+                n_tok += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm) if stage.max_grad_norm else None
             optimizer.step()
             scheduler.step()
