@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from vlweave.data.collate import pad_batch
 from vlweave.train.trainer import bf16_available, make_transform
 from vlweave.processing import encode_prompt
 from vlweave.vision.cache import FeatureStore, load_image
@@ -103,13 +104,7 @@ def generate_answers(
     bar = tqdm(total=len(questions), desc="generating", disable=not progress, unit="q")
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            p = prompts[i]
-            ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
+        batch = pad_batch([{"input_ids": prompts[i]} for i in idx], pad_id, padding_side="left")
         images = [questions[i]["image"] for i in idx if _has_image(questions[i])]
         kwargs: dict[str, Any] = {}
         if images:
@@ -118,8 +113,9 @@ def generate_answers(
             else:
                 kwargs["pixel_values"] = torch.stack([transform(open_image(p)) for p in images]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and bf16_available()):
-            out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=stops, pad_token_id=pad_id, **kwargs)
+            out = model.generate(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                                 pad_token_id=pad_id, **kwargs)
         for r, i in enumerate(idx):
             answers[i] = tokenizer.decode(out[r], skip_special_tokens=True).strip()
         bar.update(len(idx))

@@ -171,6 +171,7 @@ class VlweaveLMM:
 
     def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
         """``(log P(continuation | context, image), is_greedy)`` per request, in request order."""
+        from vlweave.data.collate import pad_batch
         from vlweave.eval.vqa import encode_question, open_image
         from vlweave.train.trainer import make_transform
 
@@ -191,12 +192,9 @@ class VlweaveLMM:
         self.model.eval()
         for start in range(0, len(encoded), self.batch_size):
             chunk = encoded[start:start + self.batch_size]
-            width = max(len(p) + len(c) for p, c, _ in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, (p, c, _) in enumerate(chunk):  # left padding: every sequence ends at the last position
-                ids[r, width - len(p) - len(c):] = torch.tensor(p + c)
-                mask[r, width - len(p) - len(c):] = 1
+            # Left padding: every sequence ends at the last position.
+            batch = pad_batch([{"input_ids": p + c} for p, c, _ in chunk], pad_id, padding_side="left")
+            ids, mask = batch["input_ids"], batch["attention_mask"]
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             images = [image for _, _, image in chunk if image is not None]
             kwargs: dict[str, Any] = {}
