@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlweave.config import RunConfig
-from vlweave.data.easyvqa import question_type
+from vlweave.data.easyvqa import add_question_types
 from vlweave.eval.runner import load_eval_questions
 from vlweave.presets import preset_path
 from vlweave.runs import train_and_evaluate
@@ -36,8 +36,7 @@ def compare(configs: list[str], seeds: list[int], out_dir: str | Path, overrides
         questions = load_eval_questions(first.eval.data, first.eval.image_folder, first.eval.limit,
                                         first.eval.subset_seed)
     if questions is not None and first.eval.data.startswith("easy-vqa:"):
-        for q in questions:
-            q["type"] = question_type(q["answer"])
+        add_question_types(questions)
     n_questions = len(questions) if questions is not None else "all"
     results: dict[str, Any] = {"configs": configs, "seeds": seeds, "n_questions": n_questions,
                                "eval_data": first.eval.data, "runs": {}}

@@ -16,8 +16,8 @@ from rich.table import Table
 
 from vlweave import assets
 from vlweave.config import RunConfig
-from vlweave.data.easyvqa import question_template, question_type
-from vlweave.data.llava_json import load_questions
+from vlweave.data.easyvqa import add_question_types, question_template
+from vlweave.data.questions import read_questions
 from vlweave.eval.runner import load_eval_questions
 from vlweave.eval.vqa import majority_baselines
 from vlweave.presets import preset_path
@@ -39,11 +39,10 @@ def run_demo(overrides: list[str] | None = None, output_dir: str | None = None, 
         console.print(f"[bold]asset[/bold] {name}: {assets.pull(name)}")
     t_assets = time.time() - t0
     questions = load_eval_questions(cfg.eval.data, cfg.eval.image_folder, cfg.eval.limit, cfg.eval.subset_seed)
-    for q in questions:
-        q["type"] = question_type(q["answer"])
+    add_question_types(questions)
     run = train_and_evaluate(cfg, questions, run_dir, progress, group_by="type")
-    train_q = load_questions(assets.pull("easy-vqa") / "train_qa.jsonl", assets.pull("easy-vqa"), check_images=False)
-    baselines = majority_baselines(train_q, questions, question_template, group_fn=lambda q: q["type"])
+    train_q = read_questions(assets.pull("easy-vqa") / "train_qa.jsonl", assets.pull("easy-vqa"), check_images=False)
+    baselines = majority_baselines(train_q, questions, question_template, group_fn=lambda q: q.meta["type"])
     result = {
         "accuracy": run.accuracy,
         "n_questions": run.report["n"],

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vlweave.config import RunConfig
+from vlweave.data.questions import Question
 from vlweave.eval.runner import evaluate
 from vlweave.train.trainer import Trainer
 
@@ -28,15 +29,15 @@ class RunResult:
     visual_tokens: int
 
 
-def group_key(questions: list[dict[str, Any]]) -> str | None:
+def group_key(questions: list[Question]) -> str | None:
     """Group results by the questions' own category field when they have one (``type`` for easy-vqa)."""
     for key in ("category", "type", "domain"):
-        if all(key in q for q in questions):
+        if all(key in q.meta for q in questions):
             return key
     return None
 
 
-def train_and_evaluate(cfg: RunConfig, questions: list[dict[str, Any]] | None, run_dir: str | Path, progress: bool,
+def train_and_evaluate(cfg: RunConfig, questions: list[Question] | None, run_dir: str | Path, progress: bool,
                        group_by: str | None = None) -> RunResult:
     """Train ``cfg`` into ``run_dir`` and evaluate it: on ``questions`` (exact match, grouped by ``group_by``,
     default :func:`group_key`), or, with ``questions=None``, on the embedded multi-domain benchmark with its exact

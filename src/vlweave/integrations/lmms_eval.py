@@ -151,15 +151,16 @@ class VlweaveLMM:
     # ---- lmms-eval API ---------------------------------------------------------------------------------------
     def generate_until(self, requests: Sequence[Any]) -> list[str]:
         """Greedy continuations, in request order (batched by ``max_new_tokens``)."""
+        from vlweave.data.questions import Question
         from vlweave.eval.vqa import generate_answers
 
-        groups: dict[int, list[tuple[int, dict[str, Any], list[str]]]] = {}
+        groups: dict[int, list[tuple[int, Question, list[str]]]] = {}
         for i, request in enumerate(requests):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
             until, max_new = self._generation_settings(gen_kwargs)
             image = self._image(doc_to_visual, doc_id, task, split)
-            question = {"question_id": f"{task}/{split}/{doc_id}", "text": self._text(context, image is not None),
-                        "image": image}
+            question = Question(question_id=f"{task}/{split}/{doc_id}", text=self._text(context, image is not None),
+                                image=image)
             groups.setdefault(max_new, []).append((i, question, until))
         out = [""] * len(requests)
         for max_new, members in groups.items():
