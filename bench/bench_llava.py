@@ -219,15 +219,8 @@ def load_data(vl, tokenizer, batch_size: int, n_batches: int, n_prompts: int):
         prompts.append(encode_prompt(s.conversations[:1], tokenizer, "tokenizer", image_token_id=img_id,
                                      num_image_tokens=n_img, system_prompt="", sample_id=s.id))
         gen_images.append(s.image)
-    pad_id = tokenizer.pad_token_id
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p)
-        mask[r, width - len(p):] = 1
-    gen = {"input_ids": ids, "attention_mask": mask, "images": gen_images,
-           "pixel_values": torch.stack([transform(load_image(p)) for p in gen_images])}
+    gen = {**pad_batch([{"input_ids": p} for p in prompts], tokenizer.pad_token_id, padding_side="left"),
+           "images": gen_images, "pixel_values": torch.stack([transform(load_image(p)) for p in gen_images])}
     return batches, gen, length
 
 

@@ -31,9 +31,10 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vlweave import assets
-from vlweave.data.easyvqa import _facts_from_turns, question_type
+from vlweave.data.easyvqa import _facts_from_turns, add_question_types, question_type
 from vlweave.eval.runner import load_eval_questions
 from vlweave.eval.vqa import exact_match_report
+from vlweave.processing import IGNORE_INDEX
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -122,16 +123,16 @@ def main() -> None:
             p = tokenizer(prompt(tokenizer, train_caps[rec["image"]], question), add_special_tokens=False).input_ids
             a = tokenizer(rec["conversations"][1]["value"], add_special_tokens=False).input_ids
             ids.append(p + a + end)
-            labels.append([-100] * len(p) + a + end)  # as the demo: the answer, then <|im_end|> (to stop)
+            labels.append([IGNORE_INDEX] * len(p) + a + end)  # as the demo: the answer, then <|im_end|> (to stop)
             answer_mask.append([False] * len(p) + [True] * len(a) + [False] * len(end))
         length = max(map(len, ids))
         pad = tokenizer.pad_token_id or 0
         input_ids = torch.tensor([r + [pad] * (length - len(r)) for r in ids])
         mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in ids])
-        target = torch.tensor([r + [-100] * (length - len(r)) for r in labels])
+        target = torch.tensor([r + [IGNORE_INDEX] * (length - len(r)) for r in labels])
         # LM head only where a label is (vocab 49k: full logits would double the step), as vlweave's model does.
         hidden = lm.model(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, :-1]
-        supervised = target[:, 1:] != -100
+        supervised = target[:, 1:] != IGNORE_INDEX
         token_loss = torch.nn.functional.cross_entropy(lm.lm_head(hidden[supervised]), target[:, 1:][supervised],
                                                        reduction="none")
         loss = token_loss.mean()
@@ -152,13 +153,12 @@ def main() -> None:
     with torch.no_grad():
         for i in tqdm(range(0, len(questions), 50), desc="eval", unit="batch"):
             batch = questions[i:i + 50]
-            texts = [prompt(tokenizer, test_caps[Path(q["image"]).relative_to(vqa_dir).as_posix()], q["text"])
+            texts = [prompt(tokenizer, test_caps[Path(q.image).relative_to(vqa_dir).as_posix()], q.text)
                      for q in batch]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             out = model.generate(**enc, max_new_tokens=4, do_sample=False)
             answers += tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-    for q in questions:
-        q["type"] = question_type(q["answer"])
+    add_question_types(questions)
     report = exact_match_report(questions, answers, group_key="type")
     result = {k: v["accuracy"] for k, v in report["by_type"].items()} | {"all": report["accuracy"]}
     for k, v in result.items():

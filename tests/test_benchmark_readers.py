@@ -13,8 +13,8 @@ from PIL import Image
 
 from vlweave.eval.benchmarks import score_mme, score_mmbench, score_pope
 from vlweave.eval.benchmarks.readers import (
-    BenchmarkDataError, EvalQuestion, MMBenchRecord, attach_pope_labels, read_gqa_questions, read_llava_questions,
-    read_mmbench_tsv, read_mme, read_pope, read_scienceqa, read_vqa_annotations,
+    BenchmarkDataError, MMBenchRecord, attach_pope_labels, read_gqa_questions, read_mmbench_tsv, read_mme,
+    read_pope, read_scienceqa, read_vqa_annotations,
 )
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -29,66 +29,6 @@ def png_b64(color: tuple[int, int, int], size: tuple[int, int] = (2, 3)) -> str:
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-# ================================================================================================================
-# LLaVA eval question files
-# ================================================================================================================
-
-
-def test_llava_jsonl_questions(tmp_path: Path):
-    path = write_jsonl(tmp_path / "q.jsonl", [
-        {"question_id": 1, "image": "a.jpg", "text": "What is it?" + SUFFIX, "category": "default", "extra_key": 5},
-        {"question_id": "x2", "text": "Text only?", "answer": "yes"},
-    ])
-    questions = read_llava_questions(path, image_folder=tmp_path / "imgs")
-    assert questions[0] == EvalQuestion(question_id=1, text="What is it?" + SUFFIX,
-                                        image=str(tmp_path / "imgs" / "a.jpg"), category="default",
-                                        extra={"extra_key": 5})
-    assert questions[1].image is None and questions[1].answer == "yes"
-    assert read_llava_questions(path)[0].image == "a.jpg"  # no folder: as written
-
-
-def test_llava_conversation_json(tmp_path: Path):
-    path = tmp_path / "llava_test_CQM-A.json"
-    path.write_text(json.dumps([
-        {"id": "4", "image": "4/image.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhich is north?\nA. x\nB. y"}, {"from": "gpt", "value": "B"}]},
-        {"id": "5", "conversations": [{"from": "human", "value": "Which is warm?"}]},
-    ]), encoding="utf-8")
-    first, second = read_llava_questions(path)
-    assert (first.question_id, first.text, first.answer, first.image) == ("4", "Which is north?\nA. x\nB. y", "B",
-                                                                          "4/image.png")
-    assert (second.text, second.answer, second.image) == ("Which is warm?", None, None)
-
-
-def test_llava_questions_report_every_bad_line(tmp_path: Path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"question_id": 1, "text": "ok"}\n'
-                    '{"question_id": 2, "text": ""}\n'
-                    '\n'
-                    '{"question_id": 1, "text": "dup"}\n'
-                    '{"text": "no id"}\n', encoding="utf-8")
-    with pytest.raises(ValueError) as info:
-        read_llava_questions(path)
-    message = str(info.value)
-    assert str(path) in message and "3 bad record(s)" in message
-    assert "line 2 (question_id 2): missing or empty 'text'" in message
-    assert "line 4: duplicate question_id 1 (first at line 1)" in message
-    assert "line 5: missing 'question_id'" in message
-
-
-def test_llava_questions_invalid_json_and_missing_file(tmp_path: Path):
-    path = tmp_path / "broken.jsonl"
-    path.write_text('{"question_id": 1, "text": "ok"}\n{"question_id": 2, "te\n', encoding="utf-8")
-    with pytest.raises(BenchmarkDataError, match=r"(?s)broken\.jsonl.*line 2: invalid JSON"):
-        read_llava_questions(path)
-    with pytest.raises(ValueError, match="nothing.jsonl: file not found"):
-        read_llava_questions(tmp_path / "nothing.jsonl")
-    listing = tmp_path / "list.json"
-    listing.write_text('[{"question_id": 1, "text": "ok"}, 7]', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"(?s)list\.json.*record 1: expected an object, got int"):
-        read_llava_questions(listing)
 
 
 # ================================================================================================================

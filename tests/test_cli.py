@@ -12,7 +12,7 @@ import torch
 from helpers import finetune_stage, isolated_env, make_run
 from vlweave.builder import load_checkpoint
 from vlweave.cli import main
-from vlweave.data.llava_json import load_questions
+from vlweave.data.questions import Question, read_questions
 from vlweave.eval.vqa import generate_answers
 
 
@@ -67,9 +67,9 @@ def test_eval_on_the_checkpoint(trained_run, capsys, tmp_path):
     assert report["decoding"] == "greedy" and report["max_new_tokens"] == 4
     assert "predictions.jsonl" in captured.err
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    questions = load_questions(qfile)
-    assert [r["question_id"] for r in rows] == [q["question_id"] for q in questions]
-    assert [r["answer"] for r in rows] == [q["answer"] for q in questions]
+    questions = read_questions(qfile)
+    assert [r["question_id"] for r in rows] == [q.question_id for q in questions]
+    assert [r["answer"] for r in rows] == [q.answer for q in questions]
     assert report["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / 6)
     assert json.loads((out / "eval_metrics.json").read_text())["accuracy"] == report["accuracy"]
     # The CLI's answers are the library's greedy answers for the same checkpoint.
@@ -90,7 +90,7 @@ def test_chat_prompt(trained_run, capsys):
     printed = capsys.readouterr().out
     assert printed.endswith("\n") and printed.count("\n") >= 1
     model, tok = load_checkpoint(run / "final")
-    q = [{"question_id": "c", "image": str(image), "text": "What color?"}]
+    q = [Question(question_id="c", image=str(image), text="What color?")]
     (expected,) = generate_answers(model, tok, q, batch_size=1, max_new_tokens=5, progress=False)
     assert printed == expected + "\n"
     # Text-only chat works too.

@@ -1,4 +1,5 @@
-"""Loading/validation of LLaVA data (vlweave.data.llava_json) and batch padding (vlweave.data.collate)."""
+"""Loading/validation of LLaVA data (vlweave.data.llava_json), question files (vlweave.data.questions) and batch
+padding (vlweave.data.collate)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 from PIL import Image
 
 from vlweave.data.collate import pad_batch
-from vlweave.data.llava_json import DataError, Sample, load_llava_data, load_questions
+from vlweave.data.llava_json import DataError, Sample, load_llava_data
+from vlweave.data.questions import Question, read_questions
 from vlweave.processing import IGNORE_INDEX
 
 
@@ -195,18 +197,93 @@ def test_missing_file(folder: Path):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# load_questions
+# read_questions
 # --------------------------------------------------------------------------------------------------------------
 
+SUFFIX = "\nAnswer the question using a single word or phrase."
 
-def test_load_questions(folder: Path):
+
+def question_errors(path: Path) -> str:
+    """The one ``DataError`` message :func:`read_questions` raises for ``path`` (it names the file)."""
+    with pytest.raises(DataError) as info:
+        read_questions(path)
+    message = str(info.value)
+    assert str(path) in message
+    return message
+
+
+def test_read_questions(folder: Path):
     path = write_jsonl(folder / "q.jsonl", [
         {"question_id": 1, "image": "images/a.png", "text": "Is it red?\nAnswer yes or no.", "category": "c"},
         {"question_id": "q2", "text": "Text only?", "answer": "yes"},
     ])
-    questions = load_questions(path)
-    assert questions[0]["image"] == str(folder / "images" / "a.png") and questions[0]["category"] == "c"
-    assert questions[1]["image"] is None and questions[1]["answer"] == "yes"
+    questions = read_questions(path)
+    assert questions[0].image == str(folder / "images" / "a.png") and questions[0].meta["category"] == "c"
+    assert questions[1].image is None and questions[1].answer == "yes"
+    assert questions[0].has_image and not questions[1].has_image
+    assert questions[1].as_record() == {"question_id": "q2", "image": None, "text": "Text only?", "answer": "yes"}
+
+
+def test_llava_jsonl_questions(tmp_path: Path):
+    path = write_jsonl(tmp_path / "q.jsonl", [
+        {"question_id": 1, "image": "a.jpg", "text": "What is it?" + SUFFIX, "category": "default", "extra_key": 5},
+        {"question_id": "x2", "text": "Text only?", "answer": "yes"},
+    ])
+    questions = read_questions(path, image_folder=tmp_path / "imgs", check_images=False)
+    assert questions[0] == Question(question_id=1, text="What is it?" + SUFFIX, image=str(tmp_path / "imgs" / "a.jpg"),
+                                    meta={"category": "default", "extra_key": 5})
+    assert questions[1].image is None and questions[1].answer == "yes"
+    # no folder: relative to the file's folder
+    assert read_questions(path, check_images=False)[0].image == str(tmp_path / "a.jpg")
+
+
+def test_llava_conversation_json(tmp_path: Path):
+    path = tmp_path / "llava_test_CQM-A.json"
+    path.write_text(json.dumps([
+        {"id": "4", "image": "4/image.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhich is north?\nA. x\nB. y"}, {"from": "gpt", "value": "B"}]},
+        {"id": "5", "conversations": [{"from": "human", "value": "Which is warm?"}]},
+    ]), encoding="utf-8")
+    first, second = read_questions(path, check_images=False)
+    assert (first.question_id, first.text, first.answer, first.image) == ("4", "Which is north?\nA. x\nB. y", "B",
+                                                                          str(tmp_path / "4" / "image.png"))
+    assert (second.text, second.answer, second.image) == ("Which is warm?", None, None)
+
+
+def test_question_file_line_numbers_ids_and_answers(tmp_path: Path):
+    # Line numbers count blank lines; ids are strings or integers (not booleans); answers are strings or numbers.
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question_id": 1, "text": "ok"}\n\n{"question_id": 2, "text": ""}\n'
+                    '{"question_id": true, "text": "bool id"}\n{"question_id": 7, "text": "Q", "answer": ["a"]}\n'
+                    '{"question_id": 8, "text": "Q", "answer": 3}\n', encoding="utf-8")
+    message = question_errors(path)
+    assert "3 problem(s)" in message
+    assert "record 1 (line 3) (question_id 2): missing or empty 'text'" in message
+    assert "record 2 (line 4) (question_id True): 'question_id' must be a string or an integer, got bool" in message
+    assert "record 3 (line 5) (question_id 7): 'answer' must be a string, got list" in message
+    path.write_text('{"question_id": 8, "text": "Q", "answer": 3}\n', encoding="utf-8")
+    assert read_questions(path)[0].answer == "3"
+    # The benchmark runner reports a bad question file as a BenchmarkDataError with the same message.
+    from vlweave.eval.benchmarks.inputs import load_benchmark
+    from vlweave.eval.benchmarks.readers import BenchmarkDataError
+
+    path.write_text('{"question_id": 1, "text": ""}\n', encoding="utf-8")
+    with pytest.raises(BenchmarkDataError, match=r"bad\.jsonl: 1 problem\(s\) in records:\n  record 0 \(line 1\) "
+                                                 r"\(question_id 1\): missing or empty 'text'"):
+        load_benchmark("vqav2", path)
+
+
+def test_llava_questions_invalid_json_and_missing_file(tmp_path: Path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"question_id": 1, "text": "ok"}\n{"question_id": 2, "te\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"(?s)broken\.jsonl.*line 2: invalid JSON"):
+        read_questions(path)
+    with pytest.raises(ValueError, match="nothing.jsonl: data file not found"):
+        read_questions(tmp_path / "nothing.jsonl")
+    listing = tmp_path / "list.json"
+    listing.write_text('[{"question_id": 1, "text": "ok"}, 7]', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"(?s)list\.json.*record 1: expected an object, got int"):
+        read_questions(listing)
 
 
 def test_question_errors_in_one_message(folder: Path):
@@ -218,10 +295,8 @@ def test_question_errors_in_one_message(folder: Path):
         {"question_id": 5, "image": "images/none.png", "text": "Q"},
         {"question_id": 6, "text": "<image> Q"},
     ])
-    with pytest.raises(DataError) as err:
-        load_questions(path)
-    message = str(err.value)
-    assert str(path) in message and "5 problem(s)" in message
+    message = question_errors(path)
+    assert "5 problem(s)" in message
     assert "record 1 (line 2) (question_id 1): duplicate question_id (first used by record 0 (line 1))" in message
     assert "record 2 (line 3) (question_id None): missing 'question_id'" in message
     assert "(question_id 4): missing or empty 'text'" in message

@@ -41,13 +41,17 @@ def test_balance_yes_no_equalises_answers_per_template_and_keeps_the_rest():
 
 
 def test_blind_baselines_per_group():
+    from vlweave.data.questions import Question
     from vlweave.eval.vqa import majority_baselines
 
-    train = [{"text": "is there a red shape?", "answer": "no"}] * 3 + [{"text": "is there a blue shape?", "answer": "yes"}] \
-        + [{"text": "what is the color?", "answer": "red"}] * 2 + [{"text": "what is the color?", "answer": "blue"}]
-    test = [{"text": "is there a teal shape?", "answer": "no"}, {"text": "is there a red shape?", "answer": "yes"},
-            {"text": "what is the color?", "answer": "red"}, {"text": "what is the color?", "answer": "teal"}]
-    got = majority_baselines(train, test, question_template, group_fn=lambda q: question_type(q["answer"]))
+    def qs(*pairs):
+        return [Question(question_id=i, text=text, answer=answer) for i, (text, answer) in enumerate(pairs)]
+
+    train = qs(*[("is there a red shape?", "no")] * 3, ("is there a blue shape?", "yes"),
+               *[("what is the color?", "red")] * 2, ("what is the color?", "blue"))
+    test = qs(("is there a teal shape?", "no"), ("is there a red shape?", "yes"), ("what is the color?", "red"),
+              ("what is the color?", "teal"))
+    got = majority_baselines(train, test, question_template, group_fn=lambda q: question_type(q.answer))
     assert got["majority"] == 0.25  # "no" is the overall majority (3 of 7)
     assert got["majority_per_template"] == 0.5
     assert got["majority_per_template_by_group"] == {"yes/no": 0.5, "color": 0.5}

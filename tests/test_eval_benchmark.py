@@ -15,6 +15,7 @@ import pytest
 from helpers import draw_image, isolated_env, make_run
 from vlweave.builder import build_model, load_checkpoint, save_checkpoint
 from vlweave.cli import main
+from vlweave.data.questions import Question
 from vlweave.eval.benchmark_run import read_predictions
 from vlweave.eval.benchmarks import SCORERS, expand_circular, parse_benchmark, score_benchmark
 from vlweave.eval.benchmarks.inputs import (
@@ -254,7 +255,7 @@ def test_mmbench_base64_images_in_memory(checkpoint, tmp_path):
         path = tmp_path / "decoded" / f"{record.index}.png"
         path.parent.mkdir(exist_ok=True)
         record.load_image().save(path)
-        files.append({"question_id": record.index, "text": rows[len(files)]["prompt"], "image": str(path)})
+        files.append(Question(question_id=record.index, text=rows[len(files)]["prompt"], image=str(path)))
     model, tok = load_checkpoint(checkpoint)
     assert generate_answers(model, tok, files, batch_size=4, max_new_tokens=3, progress=False) == \
         [r["prediction"] for r in rows]
@@ -405,6 +406,6 @@ def test_load_benchmark_limit_and_vqav2_without_annotations(tmp_path):
     inputs = load_benchmark("vqav2", q, limit=2)
     assert [it.question_id for it in inputs.items] == [0, 1] and inputs.split is None
     assert inputs.unscored_reason is not None and "EvalAI" in inputs.unscored_reason
-    assert inputs.items[0].prompt == "Question 0?" + SA and inputs.items[0].image == str(tmp_path / "a.png")
+    assert inputs.items[0].text == "Question 0?" + SA and inputs.items[0].image == str(tmp_path / "a.png")
     with pytest.raises(ValueError, match="--limit must be at least 1"):
         load_benchmark("vqav2", q, limit=0)

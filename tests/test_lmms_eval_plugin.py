@@ -20,6 +20,7 @@ from PIL import Image
 
 from helpers import draw_image, isolated_env, make_run
 from vlweave.builder import build_model, load_checkpoint, save_checkpoint
+from vlweave.data.questions import Question
 from vlweave.eval.vqa import generate_answers
 from vlweave.integrations import lmms_eval as plugin
 from vlweave.processing import encode_prompt
@@ -69,7 +70,7 @@ def _adapter(ckpt, docs, **kwargs):
 
 
 def _questions(docs):
-    return [{"question_id": d["id"], "text": d["question"], "image": d["image"]} for d in docs]
+    return [Question(question_id=d["id"], text=d["question"], image=d["image"]) for d in docs]
 
 
 def test_import_does_not_need_lmms_eval():
@@ -240,7 +241,7 @@ def test_lmms_eval_end_to_end(setup, tmp_path, monkeypatch):
     # generate_until: lmms-eval's responses are vlweave's greedy answers to the task's prompts.
     model, tok = load_checkpoint(ckpt)
     suffix = "\nAnswer the question using a single word or phrase."
-    questions = [{"question_id": d["id"], "text": d["question"] + suffix, "image": d["image"]} for d in image_docs]
+    questions = [Question(question_id=d["id"], text=d["question"] + suffix, image=d["image"]) for d in image_docs]
     expected = generate_answers(model, tok, questions, batch_size=2, max_new_tokens=4, progress=False)
     samples = sorted(out["samples"]["vlweave_tiny_gen"], key=lambda s: s["doc_id"])
     assert [s["resps"][0][0] for s in samples] == expected

@@ -21,10 +21,10 @@ from vlweave.builder import build_model, load_checkpoint
 from vlweave.connectors import ConnectorSpec, build_connector, known_connectors
 from vlweave.connectors.base import pool_grid
 from vlweave.data.collate import pad_batch
-from vlweave.data.llava_json import load_questions
+from vlweave.data.questions import read_questions
 from vlweave.eval.vqa import generate_answers, stop_token_ids
-from vlweave.modeling import IGNORE_INDEX, ImageTokenMismatchError, VlweaveForConditionalGeneration
-from vlweave.processing import encode_prompt
+from vlweave.modeling import ImageTokenMismatchError, VlweaveForConditionalGeneration
+from vlweave.processing import IGNORE_INDEX, encode_prompt
 from vlweave.train.trainer import Trainer, make_transform
 from vlweave.vision.cache import FeatureCache, load_image
 from vlweave.vision.towers import run_tower
@@ -276,7 +276,7 @@ def test_connector_unknown_name_and_option():
 def test_batched_left_padded_generation_equals_one_by_one(trained, key):
     trainer = trained[key]
     model, tok = trainer.model, trainer.tokenizer
-    questions = load_questions(trainer.cfg.eval.data)
+    questions = read_questions(trainer.cfg.eval.data)
     assert len(questions) == 6
     batched = generate_answers(model, tok, questions, batch_size=4, max_new_tokens=6, progress=False)
     single = generate_answers(model, tok, questions, batch_size=1, max_new_tokens=6, progress=False)
@@ -284,13 +284,13 @@ def test_batched_left_padded_generation_equals_one_by_one(trained, key):
 
     # Directly through model.generate, comparing token ids.
     cfg = model.config
-    prompts = [encode_prompt([{"from": "human", "value": "<image>\n" + q["text"]}], tok, cfg.chat_template_name,
+    prompts = [encode_prompt([{"from": "human", "value": "<image>\n" + q.text}], tok, cfg.chat_template_name,
                              image_token_id=cfg.image_token_id, num_image_tokens=model.num_image_tokens,
                              system_prompt=cfg.system_prompt) for q in questions[:4]]
     lengths = [len(p) for p in prompts]
     assert len(set(lengths)) > 1, "the prompts must differ in length so that the batch is padded"
     transform = make_transform(model)
-    pixels = torch.stack([transform(load_image(q["image"])) for q in questions[:4]])
+    pixels = torch.stack([transform(load_image(q.image)) for q in questions[:4]])
     width, pad = max(lengths), tok.pad_token_id
     ids = torch.full((4, width), pad)
     mask = torch.zeros((4, width), dtype=torch.long)

@@ -30,13 +30,13 @@ def test_subset_keeps_every_rotation_and_is_per_domain(folder):
     for fmt, qs in s.items():
         per_domain = {}
         for q in qs:
-            per_domain.setdefault(q["domain"], []).append(q)
+            per_domain.setdefault(q.meta["domain"], []).append(q)
         assert sorted(per_domain) == ["charts", "documents", "scenes"]
         for domain, items in per_domain.items():
             assert len(items) == (12 if fmt == "mc" else 3), (fmt, domain)
     groups = {}
     for q in s["mc"]:
-        groups.setdefault(q["circular_group"], set()).add(q["answer"])
+        groups.setdefault(q.meta["circular_group"], set()).add(q.answer)
     assert all(len(letters) > 1 for letters in groups.values())  # rotations move the answer letter
     assert suite_mod.load_suite(folder, limit_per_domain=3) == s  # the subset is fixed
 
@@ -44,8 +44,8 @@ def test_subset_keeps_every_rotation_and_is_per_domain(folder):
 def _fake_answers(kind):
     def fake(model, tokenizer, questions, **kw):
         if kind == "gold":
-            return [q["answer"] for q in questions]
-        return ["yes" if "Answer the question" in q["text"] else "A" for q in questions]
+            return [q.answer for q in questions]
+        return ["yes" if "Answer the question" in q.text else "A" for q in questions]
     return fake
 
 
@@ -63,8 +63,8 @@ def test_scores_gold_and_always_yes(folder, tmp_path, monkeypatch):
     assert mc_rows and all(r["parsed"] == r["answer"] for r in mc_rows)
     monkeypatch.setattr(suite_mod, "generate_answers", _fake_answers("yes"))
     full = suite_mod.load_suite(folder)
-    yes_share = {d: sum(q["answer"] == "yes" for q in full["yesno"] if q["domain"] == d) /
-                 sum(q["domain"] == d for q in full["yesno"]) for d in ("scenes", "documents", "charts")}
+    yes_share = {d: sum(q.answer == "yes" for q in full["yesno"] if q.meta["domain"] == d) /
+                 sum(q.meta["domain"] == d for q in full["yesno"]) for d in ("scenes", "documents", "charts")}
     report = suite_mod.evaluate_suite(model, tok, folder)
     for domain, share in yes_share.items():
         assert report["scores"][domain]["yesno"] == pytest.approx(share)

@@ -406,13 +406,14 @@ def test_train_mixes_all_formats(bench):
 
 
 def test_files_load_with_the_library_loaders(bench):
-    from vlweave.data.llava_json import load_llava_data, load_questions
+    from vlweave.data.llava_json import load_llava_data
+    from vlweave.data.questions import read_questions
 
     samples = load_llava_data(bench.folder / "train.json")
     assert len(samples) == len(bench.train) and all(Path(s.image).is_file() for s in samples)
     for name in ("test_yesno.jsonl", "test_mc.jsonl", "test_short.jsonl"):
-        questions = load_questions(bench.folder / name)
-        assert all(Path(q["image"]).is_file() for q in questions)
+        questions = read_questions(bench.folder / name)
+        assert all(Path(q.image).is_file() for q in questions)
 
 
 def test_yesno_is_balanced(bench):

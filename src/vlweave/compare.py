@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,49 +17,12 @@ from rich.console import Console
 from rich.table import Table
 
 from vlweave.config import RunConfig
-from vlweave.data.easyvqa import question_type
-from vlweave.eval.runner import evaluate, load_eval_questions
+from vlweave.data.easyvqa import add_question_types
+from vlweave.eval.runner import load_eval_questions
 from vlweave.presets import preset_path
-from vlweave.train.trainer import Trainer
+from vlweave.runs import train_and_evaluate
 
 console = Console(stderr=True)
-
-
-def _group_key(questions: list[dict[str, Any]]) -> str | None:
-    """Group results by the questions' own category field when they have one (``type`` for easy-vqa)."""
-    for key in ("category", "type", "domain"):
-        if all(key in q for q in questions):
-            return key
-    return None
-
-
-def run_one(cfg: RunConfig, questions: list[dict[str, Any]] | None, run_dir: Path, progress: bool) -> dict[str, Any]:
-    """Train one config and evaluate it: on ``questions`` (exact match), or, with ``questions=None``, on the
-    embedded multi-domain benchmark with its exact scorers (groups = ``domain/format``)."""
-    cfg.train.output_dir = str(run_dir)
-    t0 = time.time()
-    trainer = Trainer(cfg, progress=progress)
-    trainer.train()
-    t1 = time.time()
-    if questions is None:
-        from vlweave import assets
-        from vlweave.eval.suite import evaluate_suite
-
-        t2 = time.time()
-        suite = evaluate_suite(trainer.model, trainer.tokenizer, assets.pull("synthetic"),
-                               limit_per_domain=cfg.eval.limit, batch_size=cfg.eval.batch_size,
-                               max_new_tokens=cfg.eval.max_new_tokens, out_dir=run_dir, progress=progress)
-        groups = {f"{d}/{f}": v for d, by_f in suite["scores"].items() for f, v in by_f.items()}
-        groups |= {f"all/{f}": v for f, v in suite["overall"].items()}
-        return {"accuracy": suite["mean"], "groups": groups, "train_seconds": t1 - t0,
-                "eval_seconds": time.time() - t2, "visual_tokens": trainer.model.num_image_tokens}
-    key = _group_key(questions)
-    report = evaluate(trainer.model, trainer.tokenizer, questions, out_dir=run_dir, batch_size=cfg.eval.batch_size,
-                      max_new_tokens=cfg.eval.max_new_tokens, prompt_suffix=cfg.eval.prompt_suffix,
-                      group_key=key, progress=progress, bf16=cfg.train.bf16)
-    groups = {k: v["accuracy"] for k, v in report.get(f"by_{key}", {}).items()} if key else {}
-    return {"accuracy": report["accuracy"], "groups": groups, "train_seconds": t1 - t0,
-            "eval_seconds": report["eval_seconds"], "visual_tokens": trainer.model.num_image_tokens}
 
 
 def compare(configs: list[str], seeds: list[int], out_dir: str | Path, overrides: list[str] | None = None,
@@ -74,8 +36,7 @@ def compare(configs: list[str], seeds: list[int], out_dir: str | Path, overrides
         questions = load_eval_questions(first.eval.data, first.eval.image_folder, first.eval.limit,
                                         first.eval.subset_seed)
     if questions is not None and first.eval.data.startswith("easy-vqa:"):
-        for q in questions:
-            q["type"] = question_type(q["answer"])
+        add_question_types(questions)
     n_questions = len(questions) if questions is not None else "all"
     results: dict[str, Any] = {"configs": configs, "seeds": seeds, "n_questions": n_questions,
                                "eval_data": first.eval.data, "runs": {}}
@@ -84,7 +45,9 @@ def compare(configs: list[str], seeds: list[int], out_dir: str | Path, overrides
         for name in configs:
             cfg = RunConfig.load(preset_path(name), (overrides or []) + [f"train.seed={seed}"])
             console.print(f"[bold]compare[/bold] {name} seed {seed}")
-            r = run_one(cfg, questions, out / f"{Path(name).stem}-seed{seed}", progress)
+            run = train_and_evaluate(cfg, questions, out / f"{Path(name).stem}-seed{seed}", progress)
+            r = {"accuracy": run.accuracy, "groups": run.groups, "train_seconds": run.setup_seconds + run.train_seconds,
+                 "eval_seconds": run.eval_seconds, "visual_tokens": run.visual_tokens}
             results["runs"][name][str(seed)] = r
             console.print(f"  accuracy {r['accuracy']:.3f} ({r['train_seconds']:.0f}s train)")
             (out / "compare.json").write_text(json.dumps(summarise(results), indent=2))

@@ -16,12 +16,12 @@ from rich.table import Table
 
 from vlweave import assets
 from vlweave.config import RunConfig
-from vlweave.data.easyvqa import question_template, question_type
-from vlweave.data.llava_json import load_questions
-from vlweave.eval.runner import evaluate, load_eval_questions
+from vlweave.data.easyvqa import add_question_types, question_template
+from vlweave.data.questions import read_questions
+from vlweave.eval.runner import load_eval_questions
 from vlweave.eval.vqa import majority_baselines
 from vlweave.presets import preset_path
-from vlweave.train.trainer import Trainer
+from vlweave.runs import train_and_evaluate
 
 console = Console(stderr=True)
 
@@ -38,32 +38,22 @@ def run_demo(overrides: list[str] | None = None, output_dir: str | None = None, 
     for name in ("dinov2-small", "smollm2-135m-instruct", "easy-vqa"):
         console.print(f"[bold]asset[/bold] {name}: {assets.pull(name)}")
     t_assets = time.time() - t0
-    trainer = Trainer(cfg, progress=progress)
-    t1 = time.time()
-    trainer.train()
-    t_train = time.time() - t1
-
     questions = load_eval_questions(cfg.eval.data, cfg.eval.image_folder, cfg.eval.limit, cfg.eval.subset_seed)
-    for q in questions:
-        q["type"] = question_type(q["answer"])
-    t2 = time.time()
-    report = evaluate(trainer.model, trainer.tokenizer, questions, out_dir=run_dir, batch_size=cfg.eval.batch_size,
-                      max_new_tokens=cfg.eval.max_new_tokens, prompt_suffix=cfg.eval.prompt_suffix,
-                      group_key="type", progress=progress, bf16=cfg.train.bf16)
-    t_eval = time.time() - t2
-    train_q = load_questions(assets.pull("easy-vqa") / "train_qa.jsonl", assets.pull("easy-vqa"), check_images=False)
-    baselines = majority_baselines(train_q, questions, question_template, group_fn=lambda q: q["type"])
-    report.pop("answers")
+    add_question_types(questions)
+    run = train_and_evaluate(cfg, questions, run_dir, progress, group_by="type")
+    train_q = read_questions(assets.pull("easy-vqa") / "train_qa.jsonl", assets.pull("easy-vqa"), check_images=False)
+    baselines = majority_baselines(train_q, questions, question_template, group_fn=lambda q: q.meta["type"])
     result = {
-        "accuracy": report["accuracy"],
-        "n_questions": report["n"],
-        "by_type": report["by_type"],
+        "accuracy": run.accuracy,
+        "n_questions": run.report["n"],
+        "by_type": run.report["by_type"],
         "baselines": baselines,
-        "seconds": {"assets": t_assets, "train": t_train, "eval": t_eval, "total": time.time() - t0},
+        "seconds": {"assets": t_assets, "train": run.train_seconds, "eval": run.eval_seconds,
+                    "total": time.time() - t0},
         "run_dir": str(run_dir),
         "config": config,
         "connector": cfg.connector.type,
-        "visual_tokens": trainer.model.num_image_tokens,
+        "visual_tokens": run.visual_tokens,
     }
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     print_table(result)

@@ -40,6 +40,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from vlweave.connectors import ConnectorSpec, build_connector
 from vlweave.connectors.base import TowerInput
 from vlweave.context import VlweaveContext
+from vlweave.processing import IGNORE_INDEX
 from vlweave.vision.towers import (
     BASE_TOWER,
     TowerFacts,
@@ -49,7 +50,6 @@ from vlweave.vision.towers import (
     vision_sub_config,
 )
 
-IGNORE_INDEX = -100
 
 # Per-tower settings an extra tower may carry (the base tower keeps the flat fields of older configs).
 TOWER_KEYS = ("vision_config", "image_size", "image_mean", "image_std", "image_aspect", "vision_feature_layer",

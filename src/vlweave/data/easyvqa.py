@@ -36,6 +36,13 @@ def question_type(answer: str) -> str:
     return "yes/no"
 
 
+def add_question_types(questions) -> None:
+    """Tag each :class:`~vlweave.data.questions.Question` with its answer's type (``meta["type"]``), the group
+    easy-vqa results are reported by."""
+    for q in questions:
+        q.meta["type"] = question_type(q.answer)
+
+
 def _facts_from_turns(turns: list[dict[str, str]]) -> tuple[str | None, str | None]:
     """Colour and shape of an image from its QA turns (direct answers first, then yes/no evidence)."""
     color: Counter = Counter()

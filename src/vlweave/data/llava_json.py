@@ -1,4 +1,4 @@
-"""Loading and validation of LLaVA-format data (training conversations and evaluation question files).
+"""Loading and validation of LLaVA-format training data (evaluation question files: :mod:`vlweave.data.questions`).
 
 Every problem is reported, none is silently dropped: all bad records of a file are collected into ONE
 ``DataError`` that names the file and, for each record, its index, its id and what is wrong (listing capped at
@@ -55,7 +55,7 @@ def _read_records(path: Path) -> list[tuple[int, str, Any]]:
     """
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not an error
     suffix = path.suffix.lower()
     if suffix == ".jsonl" or (suffix != ".json" and not text.lstrip().startswith("[")):
         return _read_jsonl(path, text)
@@ -231,60 +231,6 @@ def load_llava_data(
     return samples
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation question files
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def load_questions(
-    path: str | Path, image_folder: str | Path | None = None, *, check_images: bool = True
-) -> list[dict]:
-    """Load an eval question file: records ``{"question_id", "image"?, "text", "answer"?, ...}``.
-
-    JSONL (LLaVA's eval files) or a JSON list.  Returns the records as dicts with ``image`` made absolute (or
-    ``None``); other fields pass through unchanged.  Raises one ``DataError`` listing every bad record.
-    """
-    path = Path(path).expanduser().resolve()
-    folder = Path(image_folder).expanduser().resolve() if image_folder is not None else path.parent
-    questions: list[dict] = []
-    problems: list[str] = []
-    first_seen: dict[str, str] = {}
-    for _, where, record in _read_records(path):
-        if not isinstance(record, dict):
-            problems.append(f"{where}: expected an object, got {type(record).__name__}")
-            continue
-        qid = record.get("question_id")
-        label = f"{where} (question_id {qid!r})"
-        bad: list[str] = []
-        if qid is None or (isinstance(qid, str) and not qid.strip()):
-            bad.append("missing 'question_id'")
-        elif not isinstance(qid, (str, int)):
-            bad.append(f"'question_id' must be a string or an integer, got {type(qid).__name__}")
-        elif str(qid) in first_seen:
-            bad.append(f"duplicate question_id (first used by {first_seen[str(qid)]})")
-        else:
-            first_seen[str(qid)] = where
-        text = record.get("text")
-        if not isinstance(text, str) or not text.strip():
-            bad.append("missing or empty 'text'")
-        elif text.count(IMAGE_TOKEN) > 1:
-            bad.append(f"{text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders; at most one is supported")
-        elif IMAGE_TOKEN in text and record.get("image") is None:
-            bad.append(f"{IMAGE_TOKEN} in 'text' but the record has no 'image'")
-        image: str | None = None
-        if record.get("image") is not None:
-            image, problem = _resolve_image(record["image"], folder, check_images)
-            if problem:
-                bad.append(problem)
-        if bad:
-            problems.extend(f"{label}: {p}" for p in bad)
-            continue
-        questions.append({**record, "image": image})
-    if problems:
-        raise DataError(_summarise(path, problems, "problem(s) in records") + _folder_hint(folder, check_images))
-    return questions
-
-
 def iter_image_paths(samples: list[Sample]) -> Iterator[str]:
     """The distinct image paths of some samples, in first-use order (e.g. to build a feature cache)."""
     seen: set[str] = set()
@@ -294,4 +240,4 @@ def iter_image_paths(samples: list[Sample]) -> Iterator[str]:
             yield sample.image
 
 
-__all__ = ["MAX_LISTED", "DataError", "Sample", "iter_image_paths", "load_llava_data", "load_questions"]
+__all__ = ["MAX_LISTED", "DataError", "Sample", "iter_image_paths", "load_llava_data"]

@@ -34,10 +34,10 @@ def write_predictions(path: str | Path, inputs: BenchmarkInputs, answers: list[s
     when given), ``gold`` and ``image`` (the path; ``null`` for images decoded in memory)."""
     with open(path, "w", encoding="utf-8") as fh:
         for position, (item, answer) in enumerate(zip(inputs.items, answers)):
-            row = {"question_id": item.question_id, "prompt": item.prompt, "prediction": answer}
+            row = {"question_id": item.question_id, "prompt": item.text, "prediction": answer}
             if parsed is not None:
                 row["parsed"] = _jsonable(parsed[position])
-            row.update({"gold": _jsonable(item.gold),
+            row.update({"gold": _jsonable(item.answer),
                         "image": item.image if isinstance(item.image, str) else None})
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
@@ -60,10 +60,8 @@ def run_benchmark(model, tokenizer, inputs: BenchmarkInputs, *, out_dir: str | P
     record.  Without ground truth (``inputs.unscored_reason``) the record has ``scored: false`` and no metrics."""
     spec = get_benchmark(inputs.benchmark)
     described = spec.describe(split=inputs.split, parser=parser)  # validates the parser before generating
-    questions = [{"question_id": item.question_id, "text": item.prompt, "image": item.image}
-                 for item in inputs.items]
     t0 = time.time()
-    answers = generate_answers(model, tokenizer, questions, batch_size=batch_size, max_new_tokens=max_new_tokens,
+    answers = generate_answers(model, tokenizer, inputs.items, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                progress=progress, bf16=bf16)
     seconds = time.time() - t0
     out = Path(out_dir)

@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vlweave.data.llava_json import load_questions
+from vlweave.data.questions import Question, read_questions
 from vlweave.eval.vqa import exact_match_report, generate_answers, save_predictions
 from vlweave.assets import resolve_data_path
 from vlweave.vision.cache import FeatureCache
 
 
-def select_questions(questions: list[dict[str, Any]], limit: int | None, subset_seed: int | None) -> list[dict[str, Any]]:
+def select_questions(questions: list[Question], limit: int | None, subset_seed: int | None) -> list[Question]:
     """A fixed subset: the first ``limit`` questions, or a seeded random sample of ``limit`` (same for every model)."""
     if limit is None or limit >= len(questions):
         return list(questions)
@@ -25,13 +25,13 @@ def select_questions(questions: list[dict[str, Any]], limit: int | None, subset_
 
 
 def load_eval_questions(data: str, image_folder: str | None = None, limit: int | None = None,
-                        subset_seed: int | None = None) -> list[dict[str, Any]]:
+                        subset_seed: int | None = None) -> list[Question]:
     path, root = resolve_data_path(data)
-    questions = load_questions(path, image_folder or root)
+    questions = read_questions(path, image_folder or root)
     return select_questions(questions, limit, subset_seed)
 
 
-def evaluate(model, tokenizer, questions: list[dict[str, Any]], *, out_dir: str | Path | None = None,
+def evaluate(model, tokenizer, questions: list[Question], *, out_dir: str | Path | None = None,
              batch_size: int = 32, max_new_tokens: int = 8, prompt_suffix: str = "", use_cache: bool = True,
              group_key: str | None = None, progress: bool = True, bf16: bool = False) -> dict[str, Any]:
     store = None

@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from vlweave.data.llava_json import load_questions
+from vlweave.data.questions import Question, read_questions
 from vlweave.eval.benchmarks import registry
 from vlweave.eval.vqa import generate_answers
 from vlweave.vision.cache import FeatureCache
@@ -28,18 +28,19 @@ FORMATS = {
 }
 
 
-def load_suite(folder: str | Path, limit_per_domain: int | None = None, seed: int = 0) -> dict[str, list[dict]]:
+def load_suite(folder: str | Path, limit_per_domain: int | None = None, seed: int = 0) -> dict[str, list[Question]]:
     """Questions per format; ``limit_per_domain`` keeps a seeded subset of questions (all rotations of a kept
     multiple-choice question stay together)."""
     folder = Path(folder)
     out = {}
     for fmt, (name, _, _) in FORMATS.items():
-        qs = load_questions(folder / name, folder)
+        qs = read_questions(folder / name, folder)
         if limit_per_domain is not None:
-            key = (lambda q: q.get("circular_group", q.get("index"))) if fmt == "mc" else (lambda q: q["question_id"])
+            key = ((lambda q: q.meta.get("circular_group", q.meta.get("index"))) if fmt == "mc"
+                   else (lambda q: q.question_id))
             by_domain: dict[str, list] = defaultdict(list)
             for k in dict.fromkeys(key(q) for q in qs):
-                by_domain[next(q["domain"] for q in qs if key(q) == k)].append(k)
+                by_domain[next(q.meta["domain"] for q in qs if key(q) == k)].append(k)
             keep = set()
             for domain, keys in sorted(by_domain.items()):
                 keep |= set(random.Random(f"{seed}-{fmt}-{domain}").sample(keys, min(limit_per_domain, len(keys))))
@@ -71,14 +72,14 @@ def evaluate_suite(model, tokenizer, folder: str | Path, *, limit_per_domain: in
                                    store=store, progress=progress)
         if out_dir is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            parsed = registry.parse_benchmark(bench, answers, questions)  # what the scorer compares, per item
+            parsed = registry.parse_benchmark(bench, answers, [q.as_record() for q in questions])  # what the scorer compares, per item
             with open(Path(out_dir) / f"predictions_{fmt}.jsonl", "w") as fh:
                 for q, a, p in zip(questions, answers, parsed):
-                    fh.write(json.dumps({"question_id": q["question_id"], "prediction": a, "parsed": p,
-                                         "answer": q["answer"]}) + "\n")
-        for domain in sorted({q["domain"] for q in questions}):
-            idx = [i for i, q in enumerate(questions) if q["domain"] == domain]
-            result = registry.score_benchmark(bench, [answers[i] for i in idx], [questions[i] for i in idx])
+                    fh.write(json.dumps({"question_id": q.question_id, "prediction": a, "parsed": p,
+                                         "answer": q.answer}) + "\n")
+        for domain in sorted({q.meta["domain"] for q in questions}):
+            idx = [i for i, q in enumerate(questions) if q.meta["domain"] == domain]
+            result = registry.score_benchmark(bench, [answers[i] for i in idx], [questions[i].as_record() for i in idx])
             scores[domain][fmt] = _get(result["metrics"], headline)
             if fmt == "mc":  # per-copy (not circular) accuracy: shows a letter bias that circular scoring hides
                 scores[domain]["mc_copy"] = float(result["metrics"]["copy_accuracy"])

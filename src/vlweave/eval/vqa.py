@@ -12,12 +12,14 @@ import re
 import string
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from vlweave.data.collate import pad_batch
+from vlweave.data.questions import ImageSource, Question
 from vlweave.hardware import bf16_available
 from vlweave.processing import encode_prompt, load_image, tower_pixels
 from vlweave.vision.cache import FeatureCache
@@ -33,12 +35,7 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def _has_image(question: dict[str, Any]) -> bool:
-    image = question.get("image")
-    return image is not None and not (isinstance(image, str) and not image)
-
-
-def open_image(source: str | Image.Image | Callable[[], Image.Image]) -> Image.Image:
+def open_image(source: ImageSource) -> Image.Image:
     """A question's image: a file path, a PIL image, or a zero-argument callable returning one (decoded lazily,
     e.g. MMBench's base64 images)."""
     if isinstance(source, str):
@@ -75,7 +72,7 @@ def stop_token_ids(tokenizer) -> list[int]:
 def generate_answers(
     model,
     tokenizer,
-    questions: Sequence[dict[str, Any]],
+    questions: Sequence[Question],
     *,
     template: str | None = None,
     system_prompt: str | None = None,
@@ -86,14 +83,13 @@ def generate_answers(
     progress: bool = True,
     bf16: bool = False,
 ) -> list[str]:
-    """Greedy answers for ``questions`` (dicts with ``text`` and an optional ``image``: an absolute path, a PIL
-    image or a callable returning one; only paths go through the feature ``store``)."""
+    """Greedy answers for ``questions`` (their ``image``: an absolute path, a PIL image or a callable returning
+    one; only paths go through the feature ``store``)."""
     model.eval()
-    prompts = [encode_question(model, tokenizer, q["text"] + prompt_suffix, _has_image(q), template=template,
-                               system_prompt=system_prompt, sample_id=str(q.get("question_id", "?")))
-               for q in questions]
+    prompts = [encode_question(model, tokenizer, q.text + prompt_suffix, q.has_image, template=template,
+                               system_prompt=system_prompt, sample_id=str(q.question_id)) for q in questions]
     if store is not None:
-        store.ensure([q["image"] for q in questions if _has_image(q) and isinstance(q["image"], str)], progress)
+        store.ensure([q.image for q in questions if q.has_image and isinstance(q.image, str)], progress)
     order = sorted(range(len(questions)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(questions)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -102,14 +98,8 @@ def generate_answers(
     bar = tqdm(total=len(questions), desc="generating", disable=not progress, unit="q")
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            p = prompts[i]
-            ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
-        images = [questions[i]["image"] for i in idx if _has_image(questions[i])]
+        batch = pad_batch([{"input_ids": prompts[i]} for i in idx], pad_id, padding_side="left")
+        images = [questions[i].image for i in idx if questions[i].has_image]
         kwargs: dict[str, Any] = {}
         if images:
             if store is not None and all(isinstance(p, str) for p in images):
@@ -119,8 +109,9 @@ def generate_answers(
                 pixels = tower_pixels(model, [open_image(p) for p in images])
                 kwargs["pixel_values"] = {t: v.to(device) for t, v in pixels.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and bf16_available()):
-            out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=stops, pad_token_id=pad_id, **kwargs)
+            out = model.generate(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                                 pad_token_id=pad_id, **kwargs)
         for r, i in enumerate(idx):
             answers[i] = tokenizer.decode(out[r], skip_special_tokens=True).strip()
         bar.update(len(idx))
@@ -128,41 +119,42 @@ def generate_answers(
     return answers
 
 
-def exact_match_report(questions: Sequence[dict[str, Any]], answers: Sequence[str],
+def exact_match_report(questions: Sequence[Question], answers: Sequence[str],
                        group_key: str | None = None) -> dict[str, Any]:
-    """Accuracy of normalised exact match; per-group accuracies when questions carry ``group_key``."""
-    correct = [normalize_answer(a) == normalize_answer(q["answer"]) for q, a in zip(questions, answers)]
+    """Accuracy of normalised exact match; per-group accuracies by the questions' ``meta[group_key]``."""
+    correct = [normalize_answer(a) == normalize_answer(q.answer) for q, a in zip(questions, answers)]
     report: dict[str, Any] = {"accuracy": sum(correct) / max(1, len(correct)), "n": len(correct)}
     if group_key:
         groups: dict[str, list[bool]] = defaultdict(list)
         for q, c in zip(questions, correct):
-            groups[str(q.get(group_key, "?"))].append(c)
+            groups[str(q.meta.get(group_key, "?"))].append(c)
         report["by_" + group_key] = {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(groups.items())}
     return report
 
 
-def save_predictions(path: str | Path, questions: Sequence[dict[str, Any]], answers: Sequence[str]) -> None:
+def save_predictions(path: str | Path, questions: Sequence[Question], answers: Sequence[str]) -> None:
     with open(path, "w") as fh:
         for q, a in zip(questions, answers):
-            row = {"question_id": q.get("question_id"), "question": q["text"], "prediction": a,
-                   "answer": q.get("answer"), "correct": normalize_answer(a) == normalize_answer(q.get("answer", ""))}
+            gold = "" if q.answer is None else q.answer
+            row = {"question_id": q.question_id, "question": q.text, "prediction": a,
+                   "answer": q.answer, "correct": normalize_answer(a) == normalize_answer(gold)}
             fh.write(json.dumps(row) + "\n")
 
 
-def majority_baselines(train: Sequence[dict[str, Any]], test: Sequence[dict[str, Any]], template_fn,
+def majority_baselines(train: Sequence[Question], test: Sequence[Question], template_fn,
                        group_fn=None) -> dict[str, Any]:
     """Blind baselines on ``test``: the overall majority answer and the majority answer per question template,
     both learned from ``train``; with ``group_fn`` also the per-template baseline within each group (e.g. question
     type), which shows whether a model's score on a group is more than the wording alone gives."""
-    overall = Counter(normalize_answer(q["answer"]) for q in train).most_common(1)[0][0]
+    overall = Counter(normalize_answer(q.answer) for q in train).most_common(1)[0][0]
     per_t: dict[str, Counter] = defaultdict(Counter)
     for q in train:
-        per_t[template_fn(q["text"])][normalize_answer(q["answer"])] += 1
+        per_t[template_fn(q.text)][normalize_answer(q.answer)] += 1
     maj = {t: c.most_common(1)[0][0] for t, c in per_t.items()}
     n = max(1, len(test))
-    blind_right = [normalize_answer(q["answer"]) == maj.get(template_fn(q["text"]), overall) for q in test]
+    blind_right = [normalize_answer(q.answer) == maj.get(template_fn(q.text), overall) for q in test]
     out: dict[str, Any] = {
-        "majority": sum(normalize_answer(q["answer"]) == overall for q in test) / n,
+        "majority": sum(normalize_answer(q.answer) == overall for q in test) / n,
         "majority_per_template": sum(blind_right) / n,
     }
     if group_fn is not None:

@@ -151,15 +151,16 @@ class VlweaveLMM:
     # ---- lmms-eval API ---------------------------------------------------------------------------------------
     def generate_until(self, requests: Sequence[Any]) -> list[str]:
         """Greedy continuations, in request order (batched by ``max_new_tokens``)."""
+        from vlweave.data.questions import Question
         from vlweave.eval.vqa import generate_answers
 
-        groups: dict[int, list[tuple[int, dict[str, Any], list[str]]]] = {}
+        groups: dict[int, list[tuple[int, Question, list[str]]]] = {}
         for i, request in enumerate(requests):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
             until, max_new = self._generation_settings(gen_kwargs)
             image = self._image(doc_to_visual, doc_id, task, split)
-            question = {"question_id": f"{task}/{split}/{doc_id}", "text": self._text(context, image is not None),
-                        "image": image}
+            question = Question(question_id=f"{task}/{split}/{doc_id}", text=self._text(context, image is not None),
+                                image=image)
             groups.setdefault(max_new, []).append((i, question, until))
         out = [""] * len(requests)
         for max_new, members in groups.items():
@@ -171,6 +172,7 @@ class VlweaveLMM:
 
     def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
         """``(log P(continuation | context, image), is_greedy)`` per request, in request order."""
+        from vlweave.data.collate import pad_batch
         from vlweave.eval.vqa import encode_question, open_image
         from vlweave.processing import tower_pixels
         encoded: list[tuple[list[int], list[int], Callable[[], Any] | None]] = []
@@ -189,12 +191,9 @@ class VlweaveLMM:
         self.model.eval()
         for start in range(0, len(encoded), self.batch_size):
             chunk = encoded[start:start + self.batch_size]
-            width = max(len(p) + len(c) for p, c, _ in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, (p, c, _) in enumerate(chunk):  # left padding: every sequence ends at the last position
-                ids[r, width - len(p) - len(c):] = torch.tensor(p + c)
-                mask[r, width - len(p) - len(c):] = 1
+            # Left padding: every sequence ends at the last position.
+            batch = pad_batch([{"input_ids": p + c} for p, c, _ in chunk], pad_id, padding_side="left")
+            ids, mask = batch["input_ids"], batch["attention_mask"]
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             images = [image for _, _, image in chunk if image is not None]
             kwargs: dict[str, Any] = {}

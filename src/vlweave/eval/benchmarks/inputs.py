@@ -11,24 +11,22 @@ Expected ``--data`` layouts are in :data:`DATA_LAYOUTS` (also shown by ``vlweave
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlweave.data.llava_json import DataError
+from vlweave.data.questions import ImageSource, Question, read_questions
 from vlweave.eval.benchmarks._common import MULTIPLE_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX, apply_prompt_suffix
 from vlweave.eval.benchmarks.mmbench import build_multiple_choice_prompt, expand_circular
 from vlweave.eval.benchmarks.mme import llava_mme_prompt
 from vlweave.eval.benchmarks.pope import POPE_SPLITS
 from vlweave.eval.benchmarks.readers import (
-    BenchmarkDataError, EvalQuestion, MMBenchRecord, _decode_b64, _Problems, attach_pope_labels,
-    read_gqa_questions, read_llava_questions, read_mmbench_tsv, read_mme, read_pope, read_scienceqa,
-    read_vqa_annotations,
+    BenchmarkDataError, MMBenchRecord, _decode_b64, _Problems, attach_pope_labels, read_gqa_questions,
+    read_mmbench_tsv, read_mme, read_pope, read_scienceqa, read_vqa_annotations,
 )
 from vlweave.eval.benchmarks.registry import get_benchmark
-
-# An image is a file path, or a zero-argument callable returning a PIL image (decoded only when its batch runs).
-ImageSource = str | Callable[[], Any]
 
 # File names the LLaVA eval layout (playground/data/eval/<benchmark>/) uses; looked for next to --data.
 POPE_QUESTION_FILE = "llava_pope_test.jsonl"
@@ -97,31 +95,27 @@ def scienceqa_prompt(text: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class BenchmarkItem:
-    """One generation: ``prompt`` (no image placeholder) and ``image``; ``record`` is what the scorer reads for it
-    (``None`` when the split has no public answers); ``group`` is the unit ``--limit`` counts (an MMBench question
-    with its circular copies, an MME image with its two questions, else the question itself)."""
-
-    question_id: str | int
-    prompt: str
-    image: ImageSource | None
-    record: Any
-    group: str | int
-    gold: Any = None
+def _item(question_id: str | int, prompt: str, image: ImageSource | None, record: Any, group: str | int,
+          gold: Any = None) -> Question:
+    """One generation, a :class:`Question`: the ``prompt`` (no image placeholder) is its text and ``gold`` its
+    answer; ``meta["record"]`` is what the scorer reads for it (``None`` when the split has no public answers);
+    ``meta["group"]`` is the unit ``--limit`` counts (an MMBench question with its circular copies, an MME image
+    with its two questions, else the question itself)."""
+    return Question(question_id=question_id, text=prompt, image=image, answer=gold,
+                    meta={"record": record, "group": group})
 
 
 @dataclass
 class BenchmarkInputs:
     benchmark: str
-    items: list[BenchmarkItem]
+    items: list[Question]
     split: str | None = None
     sources: dict[str, str] = field(default_factory=dict)
     unscored_reason: str | None = None  # set when there is no ground truth to score against
 
     @property
     def records(self) -> list[Any]:
-        return [item.record for item in self.items]
+        return [item.meta["record"] for item in self.items]
 
 
 def _existing(path: str | Path, what: str) -> Path:
@@ -154,7 +148,7 @@ def _find_annotations(benchmark: str, data: Path, given: str | Path | None) -> P
     return None
 
 
-def _check_images(items: Sequence[BenchmarkItem], source: Path, *, optional: bool = False) -> None:
+def _check_images(items: Sequence[Question], source: Path, *, optional: bool = False) -> None:
     """Every item has an image (unless ``optional``) and every image path is a file; else one error listing all."""
     problems = _Problems(source)
     for item in items:
@@ -166,7 +160,15 @@ def _check_images(items: Sequence[BenchmarkItem], source: Path, *, optional: boo
     problems.raise_if_any()
 
 
-def _match(questions: Sequence[EvalQuestion], truth: Iterable[Any], source: Path, truth_path: Path) -> list[Any]:
+def _read_questions(path: Path, image_folder: str | Path) -> list[Question]:
+    """A LLaVA question file's questions (images are checked by :func:`_check_images`)."""
+    try:
+        return read_questions(path, image_folder, check_images=False)
+    except DataError as exc:
+        raise BenchmarkDataError(str(exc)) from None
+
+
+def _match(questions: Sequence[Question], truth: Iterable[Any], source: Path, truth_path: Path) -> list[Any]:
     """Ground-truth records for ``questions``, by question_id (compared as strings); one error lists the misses."""
     by_id = {str(record.question_id): record for record in truth}
     problems = _Problems(source)
@@ -198,7 +200,7 @@ def _load_pope(data: Path, image_folder: str | None, annotations: str | None, sp
         records = [r for r in records if r.split == split]
         if not records:
             raise BenchmarkDataError(f"{qfile}: no questions of split {split!r}")
-    items = [BenchmarkItem(r.question_id, short_answer_prompt(r.text), r.image, r, r.question_id, r.label)
+    items = [_item(r.question_id, short_answer_prompt(r.text), r.image, r, r.question_id, r.label)
              for r in records]
     _check_images(items, qfile)
     return BenchmarkInputs("pope", items, split, sources)
@@ -206,8 +208,8 @@ def _load_pope(data: Path, image_folder: str | None, annotations: str | None, sp
 
 def _load_mme(data: Path, image_folder: str | None) -> BenchmarkInputs:
     records = read_mme(data, image_root=image_folder)
-    items = [BenchmarkItem(r.question_id, mme_prompt(r.question), r.image, r, f"{r.subtask}/{r.image_name}",
-                           r.answer) for r in records]
+    items = [_item(r.question_id, mme_prompt(r.question), r.image, r, f"{r.subtask}/{r.image_name}",
+               r.answer) for r in records]
     missing = [it for it in items if it.image is None]
     if missing:
         raise BenchmarkDataError(f"{data}: {len(missing)} question(s) without an image file, first question_id "
@@ -241,8 +243,8 @@ def _load_mmbench(data: Path, split: str | None) -> BenchmarkInputs:
     records = read_mmbench_tsv(data)
     _check_mmbench_images(records)
     records = expand_circular(records)
-    items = [BenchmarkItem(r.index, multiple_choice_prompt(r.question, r.options, r.hint), r.load_image, r,
-                           r.group, r.answer) for r in records]
+    items = [_item(r.index, multiple_choice_prompt(r.question, r.options, r.hint), r.load_image, r,
+               r.group, r.answer) for r in records]
     unscored = None
     if any(r.answer is None for r in records):
         unscored = ("rows without answers (MMBench test split): predictions are scored by the OpenCompass "
@@ -253,7 +255,7 @@ def _load_mmbench(data: Path, split: str | None) -> BenchmarkInputs:
 def _load_scienceqa(data: Path, image_folder: str | None, annotations: str | None, split: str | None
                     ) -> BenchmarkInputs:
     qfile = _question_file(data)
-    questions = read_llava_questions(qfile, image_folder or qfile.parent)
+    questions = _read_questions(qfile, image_folder or qfile.parent)
     problems = _find_annotations("scienceqa_img", data, annotations)
     if problems is None:
         raise BenchmarkDataError(f"{qfile}: ScienceQA ground truth not found (pass --annotations problems.json)")
@@ -261,7 +263,7 @@ def _load_scienceqa(data: Path, image_folder: str | None, annotations: str | Non
     split = split or "test"
     truth = read_scienceqa(problems, pid_splits if pid_splits.is_file() else None, split=split)
     records = _match(questions, truth, qfile, problems)
-    items = [BenchmarkItem(q.question_id, scienceqa_prompt(q.text), q.image, r, q.question_id, r.answer)
+    items = [_item(q.question_id, scienceqa_prompt(q.text), q.image, r, q.question_id, r.answer)
              for q, r in zip(questions, records)]
     _check_images(items, qfile, optional=True)
     return BenchmarkInputs("scienceqa_img", items, split, {"questions": str(qfile), "annotations": str(problems)})
@@ -270,7 +272,7 @@ def _load_scienceqa(data: Path, image_folder: str | None, annotations: str | Non
 def _load_vqa_style(benchmark: str, data: Path, image_folder: str | None, annotations: str | None,
                     split: str | None) -> BenchmarkInputs:
     qfile = _question_file(data)
-    questions = read_llava_questions(qfile, image_folder or qfile.parent)
+    questions = _read_questions(qfile, image_folder or qfile.parent)
     truth_path = _find_annotations(benchmark, data, annotations)
     sources = {"questions": str(qfile)}
     unscored = None
@@ -283,14 +285,14 @@ def _load_vqa_style(benchmark: str, data: Path, image_folder: str | None, annota
         truth = read_gqa_questions(truth_path) if benchmark == "gqa" else read_vqa_annotations(truth_path)
         records = _match(questions, truth, qfile, truth_path)
         sources["annotations"] = str(truth_path)
-    items = [BenchmarkItem(q.question_id, short_answer_prompt(q.text), q.image, r, q.question_id,
-                           None if r is None else getattr(r, "answer", None) or getattr(r, "answers", None))
+    items = [_item(q.question_id, short_answer_prompt(q.text), q.image, r, q.question_id,
+               None if r is None else getattr(r, "answer", None) or getattr(r, "answers", None))
              for q, r in zip(questions, records)]
     _check_images(items, qfile)
     return BenchmarkInputs(benchmark, items, split, sources, unscored)
 
 
-def select_groups(items: Sequence[BenchmarkItem], limit: int | None) -> list[BenchmarkItem]:
+def select_groups(items: Sequence[Question], limit: int | None) -> list[Question]:
     """The items of the first ``limit`` groups, in file order (whole MMBench circular groups, whole MME images)."""
     if limit is None:
         return list(items)
@@ -300,8 +302,8 @@ def select_groups(items: Sequence[BenchmarkItem], limit: int | None) -> list[Ben
     for item in items:
         if len(keep) == limit:
             break
-        keep.add(item.group)
-    return [item for item in items if item.group in keep]
+        keep.add(item.meta["group"])
+    return [item for item in items if item.meta["group"] in keep]
 
 
 def load_benchmark(benchmark: str, data: str | Path, *, image_folder: str | Path | None = None,

@@ -6,9 +6,8 @@ bad records reports them all at once (up to ``MAX_LISTED``).
 
 Formats:
 
-* LLaVA eval question files (:func:`read_llava_questions`): JSONL (or a JSON list) of
-  ``{"question_id", "image"?, "text", "answer"?, "category"?, ...}``; also LLaVA's conversation-style files such
-  as ScienceQA's ``llava_test_CQM-A.json`` (``{"id", "image"?, "conversations": [...]}``).
+* LLaVA eval question files (JSONL or a JSON list of questions, or conversation records such as ScienceQA's
+  ``llava_test_CQM-A.json``) are read by :func:`vlweave.data.questions.read_questions`, like every question file.
 * MME (:func:`read_mme`): the release folder ``MME_Benchmark/<subtask>/`` -- either ``images/`` +
   ``questions_answers_YN/<stem>.txt`` (artwork, celebrity, landmark, posters, scene) or images and ``<stem>.txt``
   side by side (the other 9), each txt holding ``question<TAB>Yes|No`` lines -- or the eval-tool layout
@@ -128,77 +127,6 @@ def _check_id(value: Any, name: str, seen: dict[str, str], where: str, problems:
         return False
     seen[str(value)] = where
     return True
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# LLaVA eval question files
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalQuestion:
-    """One question of a LLaVA eval file; ``text`` is the prompt as released (suffix included when the file has it)."""
-
-    question_id: str | int
-    text: str
-    image: str | None = None
-    answer: str | None = None
-    category: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def read_llava_questions(path: str | Path, image_folder: str | Path | None = None) -> list[EvalQuestion]:
-    """Read a LLaVA eval question file (JSONL or JSON list; question or conversation records).
-
-    ``image`` is joined to ``image_folder`` when one is given (images are not opened).  Other fields of a record
-    are kept in ``extra``.
-    """
-    path = _existing_file(path)
-    problems = _Problems(path)
-    seen: dict[str, str] = {}
-    out: list[EvalQuestion] = []
-    for where, record in _json_records(path):
-        if not isinstance(record, dict):
-            problems.add(where, f"expected an object, got {type(record).__name__}")
-            continue
-        answer = record.get("answer")
-        if "conversations" in record and "text" not in record:  # e.g. llava_test_CQM-A.json
-            qid = record.get("id", record.get("question_id"))
-            turns = record["conversations"]
-            if not isinstance(turns, list) or not turns or not isinstance(turns[0], dict):
-                problems.add(where, "'conversations' must be a non-empty list of turns")
-                continue
-            text = turns[0].get("value")
-            if isinstance(text, str):
-                text = text.replace("<image>", "").strip()
-            if answer is None and len(turns) > 1 and isinstance(turns[1], dict):
-                answer = turns[1].get("value")
-            known = {"id", "question_id", "image", "conversations", "answer", "category"}
-        else:
-            qid = record.get("question_id")
-            text = record.get("text")
-            known = {"question_id", "image", "text", "answer", "category"}
-        label = f"{where} (question_id {qid!r})" if qid is not None else where
-        ok = _check_id(qid, "question_id", seen, where, problems)
-        if not isinstance(text, str) or not text.strip():
-            problems.add(label, "missing or empty 'text'")
-            ok = False
-        image = record.get("image")
-        if image is not None and (not isinstance(image, str) or not image.strip()):
-            problems.add(label, f"'image' must be a non-empty string, got {image!r}")
-            ok = False
-        if answer is not None and not isinstance(answer, (str, int, float)):
-            problems.add(label, f"'answer' must be a string, got {type(answer).__name__}")
-            ok = False
-        if ok:
-            out.append(EvalQuestion(
-                question_id=qid, text=text, image=_join(image_folder, image),
-                answer=None if answer is None else str(answer),
-                category=None if record.get("category") is None else str(record["category"]),
-                extra={k: v for k, v in record.items() if k not in known},
-            ))
-    problems.raise_if_any()
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
