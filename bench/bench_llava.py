@@ -78,6 +78,7 @@ def hf_name(name: str) -> str:
     """vlweave parameter/module name -> the name of the same tensor/module in ``LlavaForConditionalGeneration``."""
     rules = (
         ("vision_tower.", "model.vision_tower."),
+        ("vision_towers.base.", "model.vision_tower."),  # in memory the base tower lives in a ModuleDict
         ("connector.projector.0.", "model.multi_modal_projector.linear_1."),
         ("connector.projector.2.", "model.multi_modal_projector.linear_2."),
         ("language_model.model.", "model.language_model."),
