@@ -161,3 +161,14 @@ def test_routing_field_is_read_and_checked(tmp_path):
     (tmp_path / "e.json").write_text(json.dumps([good, bad]))
     with pytest.raises(DataError, match="r2.*routing"):
         load_llava_data(tmp_path / "e.json")
+
+
+def test_a_connector_that_declares_a_text_encoder_gets_token_ids(tmp_path, monkeypatch):
+    cfg = make_run(tmp_path, vision="clip")
+    trainer = Trainer(cfg, progress=False)
+    samples = trainer.stage_samples(0, cfg.train.stages[0])[:2]
+    examples = list(trainer.encode_used(cfg.train.stages[0], samples, {0, 1}).values())
+    assert trainer.collate(examples)["context"].text_input_ids is None  # plain projectors read no text
+    monkeypatch.setattr(type(trainer.model.connector), "text_encoder", "language")
+    ids = trainer.collate(examples)["context"].text_input_ids
+    assert ids == [trainer.tokenizer("What color is this?", add_special_tokens=False)["input_ids"]] * 2

@@ -90,6 +90,9 @@ class Connector(nn.Module):
     """Base class. Subclasses set ``allowed_options`` and implement ``num_tokens`` and ``forward``."""
 
     allowed_options: frozenset[str] = frozenset()
+    # The text a context-aware connector reads as token ids (context.text_input_ids): None (none), or "language"
+    # (the LM's own tokenizer, over the sample's user-turn texts joined by newlines).
+    text_encoder: str | None = None
 
     def __init__(self, spec: ConnectorSpec) -> None:
         super().__init__()

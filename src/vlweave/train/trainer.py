@@ -140,15 +140,25 @@ class Trainer:
             image_token_id=self.model.config.image_token_id,
         )
         images = [e["image"] for e in examples if e["image"]]
-        batch["context"] = VlweaveContext.for_batch([bool(e["image"]) for e in examples],
-                                                    texts=[e.get("texts", []) for e in examples],
-                                                    routing=[e.get("routing") for e in examples])
+        texts = [e.get("texts", []) for e in examples]
+        batch["context"] = VlweaveContext.for_batch([bool(e["image"]) for e in examples], texts=texts,
+                                                    routing=[e.get("routing") for e in examples],
+                                                    text_input_ids=self.text_ids(texts))
         if images:
             if self.store is not None:
                 batch["vision_features"] = self.store.batch(images)
             else:
                 batch["pixel_values"] = tower_pixels(self.model, images, self.transforms)
         return batch
+
+    def text_ids(self, texts: list[list[str]]) -> list[list[int]] | None:
+        """Token ids of each sample's user texts for a connector that declares a text encoder (else None)."""
+        encoder = getattr(self.model.connector, "text_encoder", None)
+        if encoder is None:
+            return None
+        if encoder != "language":
+            raise ValueError(f"connector text_encoder {encoder!r}: only 'language' (the LM's tokenizer) is supported")
+        return [self.tokenizer("\n".join(t), add_special_tokens=False)["input_ids"] for t in texts]
 
     def _optimizer(self, stage: StageConfig) -> torch.optim.Optimizer:
         conn, other = [], []
