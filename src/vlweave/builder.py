@@ -24,6 +24,7 @@ from vlweave import assets
 from vlweave.config import LanguageConfig, RunConfig, VisionConfig
 from vlweave.modeling import VlweaveConfig, VlweaveForConditionalGeneration
 from vlweave.processing import add_image_token
+from vlweave.processor import VlweaveProcessor
 from vlweave.vision.towers import BASE_TOWER, build_vision_model, load_vision_model, vision_sub_config
 
 # Normalisation constants by tower family, used when the tower folder has no preprocessor_config.json.
@@ -127,23 +128,44 @@ def build_model(cfg: RunConfig) -> tuple[VlweaveForConditionalGeneration, PreTra
     return model, tokenizer
 
 
-def save_checkpoint(model: VlweaveForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> Path:
+def save_checkpoint(model: VlweaveForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, folder: str | Path,
+                    processor: VlweaveProcessor | None = None) -> Path:
+    """Model weights + config, and the processor (``processor_config.json`` and the tokenizer files): the
+    processor made from the model and tokenizer unless one is given."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    if processor is None:
+        processor = VlweaveProcessor.from_model(model, tokenizer)
+    elif processor.tokenizer is not tokenizer:
+        raise ValueError("save_checkpoint: the processor holds a different tokenizer from the one given")
+    processor.save_pretrained(folder)  # writes the tokenizer too
     return folder
 
 
-def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a saved vlweave checkpoint (model + tokenizer) from a folder; dispatches on ``config.json``, not the path."""
-    folder = Path(folder)
+def _check_checkpoint(folder: Path) -> None:
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: not a checkpoint folder (no config.json)")
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     if model_type != "vlweave":
         raise ValueError(f"{folder}: config.json has model_type {model_type!r}, expected 'vlweave'")
+
+
+def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a saved vlweave checkpoint (model + tokenizer) from a folder; dispatches on ``config.json``, not the path.
+    Its processor: :func:`load_processor`."""
+    folder = Path(folder)
+    _check_checkpoint(folder)
     model = VlweaveForConditionalGeneration.from_pretrained(folder, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model.eval()
     return model, tokenizer
+
+
+def load_processor(folder: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> VlweaveProcessor:
+    """A checkpoint's processor, without loading the model: the saved ``processor_config.json``, or, for a
+    checkpoint saved before processors, one built from its ``config.json`` and tokenizer.  ``tokenizer``: the one
+    :func:`load_checkpoint` returned, so the processor shares it instead of loading another."""
+    folder = Path(folder)
+    _check_checkpoint(folder)
+    return VlweaveProcessor.from_pretrained(folder, tokenizer=tokenizer)

@@ -70,7 +70,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from vlweave.builder import load_checkpoint
+    from vlweave.builder import load_checkpoint, load_processor
     from vlweave.eval.runner import evaluate, load_eval_questions
 
     if args.benchmark is not None:
@@ -80,10 +80,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # The question file first: a bad record is reported before the (slow) model load.
     questions = load_eval_questions(args.data, args.image_folder, args.limit, args.subset_seed)
     model, tokenizer = load_checkpoint(args.checkpoint)
+    processor = load_processor(args.checkpoint, tokenizer)
     out_dir = args.output or str(Path(args.checkpoint) / "eval")
     max_new_tokens = 16 if args.max_new_tokens is None else args.max_new_tokens
     report = evaluate(model, tokenizer, questions, out_dir=out_dir, batch_size=args.batch_size,
-                      max_new_tokens=max_new_tokens, prompt_suffix=args.prompt_suffix, bf16=args.bf16)
+                      max_new_tokens=max_new_tokens, prompt_suffix=args.prompt_suffix, bf16=args.bf16,
+                      processor=processor)
     report.pop("answers")
     print(json.dumps(report, indent=2))
     print(f"predictions: {Path(out_dir) / 'predictions.jsonl'}", file=sys.stderr)
@@ -91,7 +93,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_benchmark(args: argparse.Namespace) -> int:
-    from vlweave.builder import load_checkpoint
+    from vlweave.builder import load_checkpoint, load_processor
     from vlweave.eval.benchmark_run import DEFAULT_MAX_NEW_TOKENS, run_benchmark
     from vlweave.eval.benchmarks.inputs import load_benchmark
     from vlweave.eval.benchmarks.registry import get_benchmark
@@ -104,11 +106,12 @@ def _cmd_eval_benchmark(args: argparse.Namespace) -> int:
     inputs = load_benchmark(args.benchmark, args.data, image_folder=args.image_folder,
                             annotations=args.annotations, split=args.split, limit=args.limit)
     model, tokenizer = load_checkpoint(args.checkpoint)
+    processor = load_processor(args.checkpoint, tokenizer)
     out_dir = Path(args.output or Path(args.checkpoint) / "eval" / args.benchmark)
     max_new_tokens = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
     report = run_benchmark(model, tokenizer, inputs, out_dir=out_dir, parser=args.parser,
                            checkpoint=str(args.checkpoint), batch_size=args.batch_size,
-                           max_new_tokens=max_new_tokens, bf16=args.bf16)
+                           max_new_tokens=max_new_tokens, bf16=args.bf16, processor=processor)
     print(json.dumps({k: v for k, v in report.items() if k != "model"}, indent=2, default=str))
     if not report["scored"]:
         print(f"not scored: {report['unscored_reason']}", file=sys.stderr)
@@ -118,11 +121,12 @@ def _cmd_eval_benchmark(args: argparse.Namespace) -> int:
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     from vlweave.serve.chat import ChatSession
-    from vlweave.builder import load_checkpoint
+    from vlweave.builder import load_checkpoint, load_processor
 
     model, tokenizer = load_checkpoint(args.checkpoint)
     session = ChatSession(model, tokenizer, image=args.image, max_new_tokens=args.max_new_tokens,
-                          video=args.video, num_frames=args.frames)
+                          video=args.video, num_frames=args.frames,
+                          processor=load_processor(args.checkpoint, tokenizer))
     if args.prompt is not None:
         print(session.ask(args.prompt))
         return 0

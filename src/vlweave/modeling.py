@@ -126,6 +126,27 @@ class VlweaveConfig(PreTrainedConfig):
         return specs
 
 
+def connector_spec_for(config: VlweaveConfig, tower_specs: Mapping[str, TowerSpec] | None = None) -> ConnectorSpec:
+    """The connector's shape facts from a ``VlweaveConfig`` alone (no weights): what the model builds its connector
+    from, and what a processor reads ``num_image_tokens`` and the needed towers off for a config without a model."""
+    specs = dict(tower_specs) if tower_specs is not None else config.tower_specs()
+    f = specs[BASE_TOWER].facts
+    towers = {n: TowerInput(facts=s.facts, select_layer=s.select_layer, select_strategy=s.select_strategy,
+                            model_type=s.model_type) for n, s in specs.items()}
+    return ConnectorSpec(
+        vision_hidden_size=f.hidden_size,
+        num_vision_layers=f.num_layers,
+        grid=f.grid,
+        num_prefix_tokens=f.num_prefix_tokens,
+        text_hidden_size=int(config.text_config.hidden_size),
+        select_layer=config.vision_feature_layer,
+        select_strategy=config.vision_feature_select_strategy,
+        options=dict(config.connector_options or {}),
+        vision_model_type=specs[BASE_TOWER].model_type,
+        towers=towers,
+    )
+
+
 class VlweavePreTrainedModel(PreTrainedModel):
     config: VlweaveConfig
     config_class = VlweaveConfig
@@ -194,21 +215,7 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel, GenerationMixin):
 
     # ---- facts -----------------------------------------------------------------------------------------
     def connector_spec(self) -> ConnectorSpec:
-        f = self.tower_facts[BASE_TOWER]
-        towers = {n: TowerInput(facts=s.facts, select_layer=s.select_layer, select_strategy=s.select_strategy,
-                                model_type=s.model_type) for n, s in self.tower_specs.items()}
-        return ConnectorSpec(
-            vision_hidden_size=f.hidden_size,
-            num_vision_layers=f.num_layers,
-            grid=f.grid,
-            num_prefix_tokens=f.num_prefix_tokens,
-            text_hidden_size=int(self.config.text_config.hidden_size),
-            select_layer=self.config.vision_feature_layer,
-            select_strategy=self.config.vision_feature_select_strategy,
-            options=dict(self.config.connector_options or {}),
-            vision_model_type=self.tower_specs[BASE_TOWER].model_type,
-            towers=towers,
-        )
+        return connector_spec_for(self.config, self.tower_specs)
 
     @property
     def num_image_tokens(self) -> int:
@@ -502,5 +509,10 @@ __all__ = [
     "ImageTokenMismatchError",
     "VlweaveConfig",
     "VlweaveForConditionalGeneration",
+    "connector_spec_for",
     "vision_sub_config",
 ]
+
+# ``AutoProcessor`` knows ``model_type="vlweave"`` as soon as the model is importable (the processor module imports
+# this one; at this point every name it needs is defined).
+import vlweave.processor  # noqa: E402,F401

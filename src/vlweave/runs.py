@@ -63,7 +63,7 @@ def train_and_evaluate(cfg: RunConfig, questions: list[Question] | None, run_dir
         report = evaluate(trainer.model, trainer.tokenizer, questions, out_dir=run_dir,
                           batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
                           prompt_suffix=cfg.eval.prompt_suffix, group_key=key, progress=progress,
-                          bf16=cfg.train.bf16)
+                          bf16=cfg.train.bf16, processor=trainer.processor)
         report.pop("answers")
         groups = {k: v["accuracy"] for k, v in report.get(f"by_{key}", {}).items()} if key else {}
         accuracy = report["accuracy"]

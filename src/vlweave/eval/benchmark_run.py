@@ -18,6 +18,7 @@ from vlweave import __version__
 from vlweave.eval.benchmarks.inputs import BenchmarkInputs
 from vlweave.eval.benchmarks.registry import get_benchmark, parse_benchmark, score_benchmark
 from vlweave.eval.vqa import generate_answers
+from vlweave.processor import VlweaveProcessor
 
 # LLaVA's model_vqa_loader.py / model_vqa_mmbench.py default (methods.md §0.8).
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -55,14 +56,15 @@ def read_predictions(path: str | Path) -> dict[str, str]:
 def run_benchmark(model, tokenizer, inputs: BenchmarkInputs, *, out_dir: str | Path, parser: str | None = None,
                   checkpoint: str | None = None, batch_size: int = 32,
                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, progress: bool = True,
-                  bf16: bool = False) -> dict[str, Any]:
+                  bf16: bool = False, processor: VlweaveProcessor | None = None) -> dict[str, Any]:
     """Generate, score and write ``predictions.jsonl`` and ``metrics.json`` under ``out_dir``; returns the metrics
     record.  Without ground truth (``inputs.unscored_reason``) the record has ``scored: false`` and no metrics."""
     spec = get_benchmark(inputs.benchmark)
     described = spec.describe(split=inputs.split, parser=parser)  # validates the parser before generating
+    processor = processor if processor is not None else VlweaveProcessor.from_model(model, tokenizer)
     t0 = time.time()
     answers = generate_answers(model, tokenizer, inputs.items, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                               progress=progress, bf16=bf16)
+                               progress=progress, bf16=bf16, processor=processor)
     seconds = time.time() - t0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,8 +84,8 @@ def run_benchmark(model, tokenizer, inputs: BenchmarkInputs, *, out_dir: str | P
         "n": len(answers),
         "data": inputs.sources,
         "generation": {"decoding": "greedy", "temperature": 0, "max_new_tokens": max_new_tokens,
-                       "batch_size": batch_size, "padding": "left", "template": cfg.chat_template_name,
-                       "system_prompt": cfg.system_prompt, "image_placeholder": "<image>\\n before the question",
+                       "batch_size": batch_size, "padding": "left", "template": processor.chat_template_name,
+                       "system_prompt": processor.system_prompt, "image_placeholder": "<image>\\n before the question",
                        "bf16": bf16},
         "eval_seconds": seconds,
         "model": {"checkpoint": checkpoint, "config": json.loads(cfg.to_json_string(use_diff=False))},

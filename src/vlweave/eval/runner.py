@@ -33,13 +33,15 @@ def load_eval_questions(data: str, image_folder: str | None = None, limit: int |
 
 def evaluate(model, tokenizer, questions: list[Question], *, out_dir: str | Path | None = None,
              batch_size: int = 32, max_new_tokens: int = 8, prompt_suffix: str = "", use_cache: bool = True,
-             group_key: str | None = None, progress: bool = True, bf16: bool = False) -> dict[str, Any]:
+             group_key: str | None = None, progress: bool = True, bf16: bool = False,
+             processor: Any = None) -> dict[str, Any]:
     store = None
     if use_cache and FeatureCache.usable(model):
         store = FeatureCache(model)
     t0 = time.time()
     answers = generate_answers(model, tokenizer, questions, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                               prompt_suffix=prompt_suffix, store=store, progress=progress, bf16=bf16)
+                               prompt_suffix=prompt_suffix, store=store, progress=progress, bf16=bf16,
+                               processor=processor)
     seconds = time.time() - t0
     report = exact_match_report(questions, answers, group_key=group_key)
     report.update({"eval_seconds": seconds, "prompt_suffix": prompt_suffix, "max_new_tokens": max_new_tokens,

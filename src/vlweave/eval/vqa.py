@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from vlweave.data.collate import pad_batch
 from vlweave.data.questions import ImageSource, Question
 from vlweave.hardware import bf16_available
-from vlweave.processing import encode_prompt, load_image, tower_pixels
+from vlweave.processing import load_image
+from vlweave.processor import VlweaveProcessor
 from vlweave.vision.cache import FeatureCache
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -46,16 +47,14 @@ def open_image(source: ImageSource) -> Image.Image:
 
 
 def encode_question(model, tokenizer, text: str, has_image: bool, *, template: str | None = None,
-                    system_prompt: str | None = None, sample_id: str = "?") -> list[int]:
+                    system_prompt: str | None = None, sample_id: str = "?",
+                    processor: VlweaveProcessor | None = None) -> list[int]:
     """Generation-prompt token ids for one question: ``<image>`` (expanded to the connector's token count) in front
-    of the text when there is an image, in the checkpoint's chat template and system prompt unless overridden."""
-    cfg = model.config
-    conv = [{"from": "human", "value": ("<image>\n" + text) if has_image else text}]
-    return encode_prompt(conv, tokenizer, template or cfg.chat_template_name,
-                         image_token_id=cfg.image_token_id if has_image else None,
-                         num_image_tokens=model.num_image_tokens,
-                         system_prompt=cfg.system_prompt if system_prompt is None else system_prompt,
-                         sample_id=sample_id)
+    of the text when there is an image, in the checkpoint's chat template and system prompt unless overridden.
+    The processor does the encoding (the checkpoint's own, or one made from ``model`` and ``tokenizer``)."""
+    processor = processor if processor is not None else VlweaveProcessor.from_model(model, tokenizer)
+    return processor.encode_question(text, has_image, template=template, system_prompt=system_prompt,
+                                     sample_id=sample_id)
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -82,32 +81,37 @@ def generate_answers(
     store: FeatureCache | None = None,
     progress: bool = True,
     bf16: bool = False,
+    processor: VlweaveProcessor | None = None,
 ) -> list[str]:
     """Greedy answers for ``questions`` (their ``image``: an absolute path, a PIL image or a callable returning
-    one; only paths go through the feature ``store``)."""
+    one; only paths go through the feature ``store``).  Prompts and pixels come from ``processor`` (the
+    checkpoint's own, see ``builder.load_processor``; by default one made from ``model`` and ``tokenizer``)."""
     model.eval()
-    prompts = [encode_question(model, tokenizer, q.text + prompt_suffix, q.has_image, template=template,
-                               system_prompt=system_prompt, sample_id=str(q.question_id)) for q in questions]
+    processor = processor if processor is not None else VlweaveProcessor.from_model(model, tokenizer)
+    texts = [q.text + prompt_suffix for q in questions]
+    prompts = [processor.encode_question(t, q.has_image, template=template, system_prompt=system_prompt,
+                                         sample_id=str(q.question_id)) for t, q in zip(texts, questions)]
     if store is not None:
         store.ensure([q.image for q in questions if q.has_image and isinstance(q.image, str)], progress)
     order = sorted(range(len(questions)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(questions)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = processor.pad_token_id
     stops = stop_token_ids(tokenizer)
     device = next(model.parameters()).device
     bar = tqdm(total=len(questions), desc="generating", disable=not progress, unit="q")
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        batch = pad_batch([{"input_ids": prompts[i]} for i in idx], pad_id, padding_side="left")
-        images = [questions[i].image for i in idx if questions[i].has_image]
-        kwargs: dict[str, Any] = {}
-        if images:
-            if store is not None and all(isinstance(p, str) for p in images):
-                kwargs["vision_features"] = {t: [f.to(device) for f in feats]
-                                             for t, feats in store.batch(images).items()}
-            else:
-                pixels = tower_pixels(model, [open_image(p) for p in images])
-                kwargs["pixel_values"] = {t: v.to(device) for t, v in pixels.items()}
+        images = [questions[i].image if questions[i].has_image else None for i in idx]
+        cached = store is not None and all(isinstance(p, str) for p in images if p is not None)
+        rows = images if cached else [None if p is None else open_image(p) for p in images]
+        batch = processor.collate([{"input_ids": prompts[i]} for i in idx], rows, padding_side="left",
+                                  texts=[[texts[i]] for i in idx], pixel_values=not cached)
+        kwargs: dict[str, Any] = {"context": batch["context"]}
+        present = [p for p in images if p is not None]
+        if present and cached:
+            kwargs["vision_features"] = {t: [f.to(device) for f in feats] for t, feats in store.batch(present).items()}
+        elif present:
+            kwargs["pixel_values"] = {t: v.to(device) for t, v in batch["pixel_values"].items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and bf16_available()):
             out = model.generate(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,

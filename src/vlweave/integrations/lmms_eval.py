@@ -80,7 +80,7 @@ class VlweaveLMM:
         if unknown:
             raise TypeError(f"vlweave: unknown model_args {sorted(unknown)}; expected pretrained, batch_size, "
                             "device, dtype, max_new_tokens, ll_convention")
-        from vlweave.builder import load_checkpoint
+        from vlweave.builder import load_checkpoint, load_processor
 
         if dtype not in _DTYPES:
             raise ValueError(f"vlweave: dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -90,6 +90,8 @@ class VlweaveLMM:
         self.batch_size = _batch_size(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self.model, self.tokenizer = load_checkpoint(pretrained, dtype=_DTYPES[dtype])
+        # The checkpoint's processor (prompts, <image> expansion, per-tower pixels); it shares the loaded tokenizer.
+        self.processor = load_processor(pretrained, self.tokenizer)
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self._device)
         self.pretrained = str(pretrained)
@@ -165,7 +167,8 @@ class VlweaveLMM:
         out = [""] * len(requests)
         for max_new, members in groups.items():
             answers = generate_answers(self.model, self.tokenizer, [q for _, q, _ in members],
-                                       batch_size=self.batch_size, max_new_tokens=max_new, progress=False)
+                                       batch_size=self.batch_size, max_new_tokens=max_new, progress=False,
+                                       processor=self.processor)
             for (i, _, until), answer in zip(members, answers):
                 out[i] = cut_at_stop(answer, until)
         return out
@@ -173,16 +176,16 @@ class VlweaveLMM:
     def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
         """``(log P(continuation | context, image), is_greedy)`` per request, in request order."""
         from vlweave.data.collate import pad_batch
-        from vlweave.eval.vqa import encode_question, open_image
-        from vlweave.processing import tower_pixels
+        from vlweave.eval.vqa import open_image
+
         encoded: list[tuple[list[int], list[int], Callable[[], Any] | None]] = []
         for request in requests:
             context, continuation, doc_to_visual, doc_id, task, split = request.args
             if not isinstance(continuation, str):  # output_type loglikelihood: the task's doc_to_target
                 continuation = continuation(self.task_dict[task][split][doc_id])
             image = self._image(doc_to_visual, doc_id, task, split)
-            prompt = encode_question(self.model, self.tokenizer, self._text(context, image is not None),
-                                     image is not None, sample_id=f"{task}/{split}/{doc_id}")
+            prompt = self.processor.encode_question(self._text(context, image is not None), image is not None,
+                                                    sample_id=f"{task}/{split}/{doc_id}")
             cont = list(self.tokenizer(str(continuation), add_special_tokens=False)["input_ids"])
             encoded.append((prompt, cont, image))
 
@@ -198,7 +201,7 @@ class VlweaveLMM:
             images = [image for _, _, image in chunk if image is not None]
             kwargs: dict[str, Any] = {}
             if images:
-                pixels = tower_pixels(self.model, [open_image(im) for im in images])
+                pixels = self.processor.pixel_values([open_image(im) for im in images])
                 kwargs["pixel_values"] = {t: v.to(self._device) for t, v in pixels.items()}
             keep = max(len(c) for _, c, _ in chunk) + 1
             with torch.no_grad():

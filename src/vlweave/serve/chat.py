@@ -11,35 +11,48 @@ from typing import Any
 import torch
 
 from vlweave.eval.vqa import stop_token_ids
-from vlweave.processing import encode_prompt, load_image, make_transform, tower_pixels
+from vlweave.processing import load_image, make_transform
+from vlweave.processor import VlweaveProcessor
+from vlweave.vision.towers import BASE_TOWER
 
 
-def load_video_tensor(model, path: str, num_frames: int = 8) -> torch.Tensor:
-    """[1, T, 3, H, W] frames of a video file, each processed exactly like an image."""
+def load_video_tensor(model, path: str, num_frames: int = 8,
+                      processor: VlweaveProcessor | None = None) -> torch.Tensor:
+    """[1, T, 3, H, W] frames of a video file, each processed exactly like an image by the base tower's transform
+    (the processor's when given)."""
     from vlweave.data.video import read_video_frames
 
     model.check_video_fits(num_frames)
-    transform = make_transform(model)
+    if processor is None:
+        transform = make_transform(model)
+    elif BASE_TOWER in processor.transforms:
+        transform = processor.transforms[BASE_TOWER]
+    else:
+        raise ValueError(f"video frames go through the {BASE_TOWER!r} tower, which this connector does not read "
+                         f"(it reads {processor.needed_towers})")
     return torch.stack([transform(f) for f in read_video_frames(path, num_frames)]).unsqueeze(0)
 
 
 class ChatSession:
-    """Keeps the conversation; the image or video (if any) is attached to the first user turn, as LLaVA does."""
+    """Keeps the conversation; the image or video (if any) is attached to the first user turn, as LLaVA does.
+    Prompts and pixels come from ``processor`` (the checkpoint's, ``builder.load_processor``; by default one made
+    from ``model`` and ``tokenizer``)."""
 
     def __init__(self, model, tokenizer, image: str | None = None, max_new_tokens: int = 128,
-                 video: str | None = None, num_frames: int = 8) -> None:
+                 video: str | None = None, num_frames: int = 8, processor: VlweaveProcessor | None = None) -> None:
         if image and video:
             raise ValueError("chat about an image or a video, not both")
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.processor = processor if processor is not None else VlweaveProcessor.from_model(model, tokenizer)
         self.max_new_tokens = max_new_tokens
         self.turns: list[dict[str, str]] = []
         self.pixel_values = None
         self.pixel_values_videos = None
-        self.num_visual_tokens = model.num_image_tokens
+        self.num_visual_tokens = self.processor.num_image_tokens
         if image:
-            self.pixel_values = tower_pixels(model, [load_image(image)])
+            self.pixel_values = self.processor.pixel_values([load_image(image)])
         if video:
-            self.pixel_values_videos = load_video_tensor(model, video, num_frames)
+            self.pixel_values_videos = load_video_tensor(model, video, num_frames, self.processor)
             self.num_visual_tokens = model.num_video_tokens(num_frames)
 
     @torch.no_grad()
@@ -48,12 +61,9 @@ class ChatSession:
         visual = self.pixel_values is not None or self.pixel_values_videos is not None
         value = ("<image>\n" + text) if (first and visual) else text
         self.turns.append({"from": "human", "value": value})
-        cfg = self.model.config
-        ids = encode_prompt(self.turns, self.tokenizer, cfg.chat_template_name,
-                            image_token_id=cfg.image_token_id if visual else None,
-                            num_image_tokens=self.num_visual_tokens, system_prompt=cfg.system_prompt,
-                            sample_id="chat")
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        ids = self.processor.encode_prompt(self.turns, has_image=visual, num_image_tokens=self.num_visual_tokens,
+                                           sample_id="chat")
+        pad = self.processor.pad_token_id
         out = self.model.generate(torch.tensor([ids]), pixel_values=self.pixel_values,
                                   pixel_values_videos=self.pixel_values_videos,
                                   max_new_tokens=self.max_new_tokens, do_sample=False,

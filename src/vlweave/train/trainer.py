@@ -32,26 +32,20 @@ from vlweave.context import VlweaveContext
 from vlweave.data.collate import pad_batch
 from vlweave.data.llava_json import Sample, load_llava_data
 from vlweave.hardware import bf16_available
-from vlweave.processing import IGNORE_INDEX, encode_conversation, make_transform, tower_pixels, tower_transform
+from vlweave.processing import IGNORE_INDEX, make_transform
+from vlweave.processor import VlweaveProcessor
 from vlweave.train.policy import apply_tune_policy, merge_lora
 from vlweave.vision.cache import FeatureCache
 from vlweave.vision.towers import BASE_TOWER
 
 
-def encode_samples(samples: list[Sample], tokenizer, model, template: str, system_prompt: str | None, max_length: int,
-                   progress: bool = True) -> list[dict[str, Any]]:
+def encode_samples(samples: list[Sample], processor: VlweaveProcessor, template: str, system_prompt: str | None,
+                   max_length: int, progress: bool = True) -> list[dict[str, Any]]:
+    """Training samples through the processor (its image token and token count; the stage's template)."""
     out = []
     for s in tqdm(samples, desc=f"tokenizing ({template})", disable=not progress, unit="sample"):
-        enc = encode_conversation(
-            s.conversations,
-            tokenizer,
-            template,
-            image_token_id=model.config.image_token_id if s.image else None,
-            num_image_tokens=model.num_image_tokens,
-            system_prompt=system_prompt,
-            max_length=max_length,
-            sample_id=s.id,
-        )
+        enc = processor.encode_conversation(s.conversations, has_image=bool(s.image), template=template,
+                                            system_prompt=system_prompt, max_length=max_length, sample_id=s.id)
         out.append({"input_ids": enc["input_ids"], "labels": enc["labels"], "image": s.image, "id": s.id,
                     "texts": s.user_texts(), "routing": s.routing})
     return out
@@ -90,7 +84,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._seed_all(cfg.train.seed)
         self.model, self.tokenizer = build_model(cfg)
-        self.transforms = {n: tower_transform(self.model.tower_specs[n]) for n in self.model.needed_towers()}
+        self.processor = VlweaveProcessor.from_model(self.model, self.tokenizer)
+        self.transforms = self.processor.transforms
         bf16 = cfg.train.bf16 and bf16_available()
         self.accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
         self.model.to(self.accelerator.device)
@@ -126,7 +121,7 @@ class Trainer:
         """Tokenize only the records the planned batches will visit (a capped stage may touch a few percent)."""
         template = stage.template or self.cfg.language.template
         order = sorted(used)
-        encoded = encode_samples([samples[i] for i in order], self.tokenizer, self.model, template,
+        encoded = encode_samples([samples[i] for i in order], self.processor, template,
                                  self.cfg.language.system_prompt, self.cfg.language.max_length, self.progress)
         return dict(zip(order, encoded))
 
@@ -137,7 +132,7 @@ class Trainer:
             padding_side="right",
             pad_to_multiple_of=self.cfg.data.pad_to_multiple_of,
             trim_unsupervised_tail=True,  # exact: nothing after the last label reaches the loss (~4 % fewer tokens)
-            image_token_id=self.model.config.image_token_id,
+            image_token_id=self.processor.image_token_id,
         )
         images = [e["image"] for e in examples if e["image"]]
         texts = [e.get("texts", []) for e in examples]
@@ -148,7 +143,7 @@ class Trainer:
             if self.store is not None:
                 batch["vision_features"] = self.store.batch(images)
             else:
-                batch["pixel_values"] = tower_pixels(self.model, images, self.transforms)
+                batch["pixel_values"] = self.processor.pixel_values(images)
         return batch
 
     def text_ids(self, texts: list[list[str]]) -> list[list[int]] | None:
@@ -270,7 +265,7 @@ class Trainer:
         if self.store is not None:
             feats = self.store.batch(images)[BASE_TOWER]
         else:
-            feats = self.model.vision_features(tower_pixels(self.model, images, self.transforms)[BASE_TOWER])
+            feats = self.model.vision_features(self.processor.pixel_values(images)[BASE_TOWER])
         calibrate(feats)
         self.trained_names |= {f"connector.{n}" for n, _ in self.model.connector.named_buffers()}
 
@@ -326,7 +321,7 @@ class Trainer:
         """Merged (LoRA folded in) HF-format checkpoint at ``run_dir/final``."""
         merge_lora(self.model)
         self.model.requires_grad_(False)
-        return save_checkpoint(self.model, self.tokenizer, self.run_dir / "final")
+        return save_checkpoint(self.model, self.tokenizer, self.run_dir / "final", processor=self.processor)
 
     def plot_loss(self) -> Path | None:
         if not self.metrics:
