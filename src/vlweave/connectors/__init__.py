@@ -12,8 +12,22 @@ from vlweave.connectors.base import (
     known_connectors,
     register,
 )
+from vlweave.connectors.base import ContractExample, registry_entries
+from vlweave.connectors.fusion import Fusion, FusedConnector, TokenLayout, build_fusion, fusion_kinds
+from vlweave.connectors.options import OptionsError, parse_options
+from vlweave.connectors.projector import ProjectorHead
 
 __all__ = [
+    "ContractExample",
+    "Fusion",
+    "FusedConnector",
+    "OptionsError",
+    "ProjectorHead",
+    "TokenLayout",
+    "build_fusion",
+    "fusion_kinds",
+    "parse_options",
+    "registry_entries",
     "Connector",
     "ConnectorOutput",
     "ConnectorSpec",

@@ -16,6 +16,16 @@ them as before.  A connector says which layers of which tower it needs (:meth:`C
 it does not name are never run), prepares each tower's selected hidden states without parameters
 (:meth:`Connector.prepare_tower`, cached per (image, tower)) and receives the prepared tensors keyed by tower name
 in :meth:`Connector.forward`, together with the batch's :class:`~vlweave.context.VlweaveContext`.
+
+Options are typed: a connector sets :attr:`Connector.options_class` (a frozen dataclass,
+:mod:`vlweave.connectors.options`) and reads ``self.options``; unknown keys and mistyped values fail at build
+time, naming the key, its expected type and the allowed keys.  Parameter-free fusions (layer concat, Dense
+Connector, pooling) are reusable objects of their own (:func:`vlweave.connectors.fusion.build_fusion`), so any
+trainable module can sit behind one (:class:`vlweave.connectors.fusion.FusedConnector`).
+
+Every registered connector is checked by ``tests/test_connector_contract.py`` (built from facts, token count,
+cached == uncached, save -> reload, one training step, bad options); :class:`ContractExample` says how to build
+one there.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
+
+from vlweave.connectors.options import OptionsError, parse_options
 
 if TYPE_CHECKING:
     from vlweave.vision.towers import TowerFacts
@@ -96,12 +108,21 @@ class Connector(nn.Module):
 
     def __init__(self, spec: ConnectorSpec) -> None:
         super().__init__()
-        unknown = set(spec.options) - set(self.allowed_options)
-        if unknown:
-            raise ValueError(
-                f"{type(self).__name__}: unknown option(s) {sorted(unknown)}; allowed: {sorted(self.allowed_options)}"
-            )
         self.spec = spec
+        if self.options_class is not None:
+            self.options = parse_options(self.options_class, spec.options)
+        else:
+            unknown = set(spec.options) - set(self.allowed_options)
+            if unknown:
+                raise OptionsError(f"{type(self).__name__}: unknown option(s) {sorted(unknown)}; allowed: "
+                                   f"{sorted(self.allowed_options)}")
+
+    # Typed options (:mod:`vlweave.connectors.options`): a frozen dataclass; when set, ``__init__`` parses
+    # ``spec.options`` into ``self.options`` (unknown keys and mistyped values fail naming the key, its type and the
+    # allowed keys) and the contract suite derives its bad-option checks from its fields.
+    options_class: type | None = None
+    # How the contract suite (tests/test_connector_contract.py) builds this connector: see :class:`ContractExample`.
+    contract_examples: tuple["ContractExample", ...] = ()
 
     def feature_layers(self) -> list[int]:
         """Absolute indices of the base tower's hidden states this connector consumes."""
@@ -137,15 +158,42 @@ class Connector(nn.Module):
         raise NotImplementedError  # pragma: no cover - abstract
 
 
+@dataclass(frozen=True)
+class ContractExample:
+    """One setup in which the connector contract suite (``tests/test_connector_contract.py``) builds and checks a
+    connector: a tiny random model (``tests/helpers.py`` ``make_run``) with this base tower, extra towers and
+    connector options.  Declare them as ``contract_examples`` on the connector class, or with
+    ``@register(..., examples=(...))`` (needed for a pattern, which has no single name).  Without any, the suite
+    uses ``ContractExample()``: the registered name, no options, a tiny CLIP base tower.
+
+    Tower kinds are the tiny test towers of ``tests/helpers.py`` (``clip``, ``siglip``, ``dinov2``: hidden 32,
+    2 blocks, a 4x4 patch grid; change them with ``vision_overrides``, e.g. ``{"num_hidden_layers": 6}``).
+    """
+
+    name: str | None = None  # the connector type to build (required for a pattern entry)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    vision: str = "clip"  # base tower kind
+    vision_overrides: Mapping[str, Any] = field(default_factory=dict)  # config overrides of the base tower
+    select_layer: int | list[int] = -2
+    select_strategy: str = "default"
+    towers: Mapping[str, str] = field(default_factory=dict)  # extra towers: name -> tower kind
+    # Option sets that must be refused, beyond what the suite derives from ``options_class``'s fields (a connector
+    # without ``options_class`` must give at least one with a mistyped value).
+    bad_options: tuple[Mapping[str, Any], ...] = ()
+
+
 ConnectorFactory = Callable[[ConnectorSpec, str], Connector]
 
 _REGISTRY: dict[str, ConnectorFactory] = {}
 _PATTERNS: list[tuple[re.Pattern[str], ConnectorFactory]] = []
 ALIASES: dict[str, str] = {}
+_EXAMPLES: dict[str, tuple[ContractExample, ...]] = {}  # registry key or pattern -> contract examples
 
 
-def register(name: str | None = None, *, pattern: str | None = None, aliases: tuple[str, ...] = ()):
-    """Class/factory decorator: ``@register("linear")`` or ``@register(pattern=r"mlp(\\d+)x_gelu")``."""
+def register(name: str | None = None, *, pattern: str | None = None, aliases: tuple[str, ...] = (),
+             examples: tuple[ContractExample, ...] = ()):
+    """Class/factory decorator: ``@register("linear")`` or ``@register(pattern=r"mlp(\\d+)x_gelu")``;
+    ``examples``: how the contract suite builds it (see :class:`ContractExample`)."""
 
     def deco(factory):
         if name is not None:
@@ -156,9 +204,34 @@ def register(name: str | None = None, *, pattern: str | None = None, aliases: tu
                 ALIASES[alias] = name
         if pattern is not None:
             _PATTERNS.append((re.compile(pattern), factory))
+        if examples:
+            _EXAMPLES[name if name is not None else pattern] = tuple(examples)
         return factory
 
     return deco
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """One registry entry: an exact name or an anchored pattern, its factory and declared contract examples
+    (from ``register(examples=...)``, else the factory's ``contract_examples`` attribute when it is a class)."""
+
+    key: str
+    is_pattern: bool
+    factory: ConnectorFactory
+    examples: tuple[ContractExample, ...]
+
+
+def registry_entries() -> list[RegistryEntry]:
+    """Every registered connector (exact names sorted, then patterns in registration order); aliases excluded."""
+    from vlweave import connectors as _  # noqa: F401  (importing the package registers the built-ins)
+
+    def examples(key: str, factory: ConnectorFactory) -> tuple[ContractExample, ...]:
+        return _EXAMPLES.get(key) or tuple(getattr(factory, "contract_examples", ()) or ())
+
+    out = [RegistryEntry(k, False, f, examples(k, f)) for k, f in sorted(_REGISTRY.items())]
+    out += [RegistryEntry(p.pattern, True, f, examples(p.pattern, f)) for p, f in _PATTERNS]
+    return out
 
 
 def known_connectors() -> list[str]:
@@ -169,12 +242,18 @@ def build_connector(type_name: str, spec: ConnectorSpec) -> Connector:
     from vlweave import connectors as _  # noqa: F401  (importing the package registers the built-ins)
 
     key = ALIASES.get(type_name, type_name)
-    if key in _REGISTRY:
-        return _REGISTRY[key](spec, key)
-    for pat, factory in _PATTERNS:
-        if pat.fullmatch(key):
-            return factory(spec, key)
-    raise ValueError(f"unknown connector type {type_name!r}; known: {', '.join(known_connectors())}")
+    factory = _REGISTRY.get(key)
+    if factory is None:
+        factory = next((f for pat, f in _PATTERNS if pat.fullmatch(key)), None)
+    if factory is None:
+        raise ValueError(f"unknown connector type {type_name!r}; known: {', '.join(known_connectors())}")
+    try:
+        return factory(spec, key)
+    except OptionsError as err:  # name the connector the user wrote in front of the option's problem
+        msg = str(err)
+        if msg.startswith(f"{type_name}: ") or msg.startswith(f"{key}: "):
+            raise
+        raise OptionsError(f"{type_name}: {msg}", key=err.key) from None
 
 
 def pool_grid(x: torch.Tensor, grid: int, kernel: int, num_prefix: int = 0) -> torch.Tensor:

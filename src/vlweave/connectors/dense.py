@@ -25,22 +25,46 @@ Layer conventions.  The paper counts the stem as layer 1, so paper layer ``k`` i
 ``hs[7]``, ``hs[15]``; groups 0-12 / 13-25).  In both presets the concatenation order is final-first, as in the
 code (the paper's equations list the final feature last; ``final_first: false`` gives that order).
 
-Everything here is parameter-free and deterministic, so it runs in the connector's ``prepare`` step and its output
-is what the frozen-feature cache stores (a DCI over 12 layers caches one fused tensor, not 12 hidden states).
+Everything here is parameter-free and deterministic: :class:`DenseFusion` is a
+:class:`~vlweave.connectors.fusion.Fusion` (``build_fusion("dci", spec, options)``), so it runs in the connector's
+``prepare_tower`` step, its output is what the frozen-feature cache stores (a DCI over 12 layers caches one fused
+tensor, not 12 hidden states), and any trainable module can sit behind it (the ``dense_*`` connectors put a LLaVA
+projector there, :mod:`vlweave.connectors.mlp`).
+
+Options (:class:`DenseFusionOptions`, typed): ``preset`` (``derived`` | ``reference``), ``layers`` (STI/SCI extra
+hs indices), ``groups`` (DCI: a count, or explicit ``[[first, last], ...]`` inclusive hs ranges), ``alpha`` (STI
+pooling kernel = stride, >= 1), ``sti_pool`` (``1d`` | ``2d``), ``final_first`` (bool), and every fusion's ``pool``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from vlweave.connectors.base import ConnectorSpec, pool_grid
+from vlweave.connectors.fusion import Fusion, FusionOptions, register_fusion
+from vlweave.connectors.options import OptionsError, option_names, parse_options
 
 DENSE_KINDS = ("sti", "sci", "dci")
-DENSE_OPTIONS = frozenset({"preset", "layers", "groups", "alpha", "sti_pool", "final_first"})
+
+
+@dataclass(frozen=True)
+class DenseFusionOptions(FusionOptions):
+    """The Dense Connector fusion's options (and ``pool``, which runs before it)."""
+
+    preset: Literal["derived", "reference"] = "derived"
+    layers: int | tuple[int, ...] | None = None  # STI/SCI extra hs indices (default: the preset's)
+    groups: int | tuple[tuple[int, int], ...] | None = None  # DCI: a count (derived; default 2) or hs ranges
+    alpha: int = field(default=8, metadata={"min": 1})  # STI: pooling kernel = stride
+    sti_pool: Literal["1d", "2d"] = "1d"
+    final_first: bool = True
+
+
+DENSE_OPTIONS = option_names(DenseFusionOptions) - option_names(FusionOptions)  # the DC-specific keys
 
 
 def paper_layer(k: int) -> int:
@@ -91,24 +115,19 @@ class DensePlan:
         return list(dict.fromkeys(wanted))
 
 
-def plan_dense(kind: str, spec: ConnectorSpec, options: dict[str, Any]) -> DensePlan:
-    """Resolve the options of a ``dense_*`` connector against the tower facts in ``spec``."""
+def plan_dense(kind: str, spec: ConnectorSpec, options: "DenseFusionOptions | Mapping[str, Any] | None" = None
+               ) -> DensePlan:
+    """Resolve the options of a Dense Connector fusion against the tower facts in ``spec``."""
     from vlweave.vision.towers import normalize_layers
 
     if kind not in DENSE_KINDS:
         raise ValueError(f"unknown Dense Connector kind {kind!r}; known: {', '.join(DENSE_KINDS)}")
+    opts = parse_options(DenseFusionOptions, options)
     if not isinstance(spec.select_layer, int):
         raise ValueError(f"dense_{kind}: select_layer must be one int (the final feature), got {spec.select_layer!r}")
     L = spec.num_vision_layers
     (final,) = normalize_layers(spec.select_layer, L)
-    preset = options.get("preset", "derived")
-    alpha = int(options.get("alpha", 8))
-    sti_pool = str(options.get("sti_pool", "1d"))
-    if alpha < 1:
-        raise ValueError(f"dense_{kind}: alpha must be >= 1, got {alpha}")
-    if sti_pool not in ("1d", "2d"):
-        raise ValueError(f"dense_{kind}: sti_pool must be '1d' or '2d', got {sti_pool!r}")
-    if preset == "reference":
+    if opts.preset == "reference":
         ref = _REFERENCE.get(spec.vision_model_type)
         if ref is None or L not in ref[0] or final != ref[1]:
             raise ValueError(
@@ -116,17 +135,19 @@ def plan_dense(kind: str, spec: ConnectorSpec, options: dict[str, Any]) -> Dense
                 f"select_layer -2) and SigLIP-so400m (26 or 27 blocks, final hs[26]); this tower is "
                 f"{spec.vision_model_type or '?'} with {L} blocks and final hs[{final}]; use preset 'derived'"
             )
+        if isinstance(opts.groups, int):
+            raise OptionsError(f"dense_{kind}: option 'groups' as a count applies to preset 'derived'; with preset "
+                               f"'reference' give explicit [[first, last], ...] hs ranges, or leave it out",
+                               key="groups")
         extras, groups = ref[2], ref[3]
-    elif preset == "derived":
-        extras = derived_extra_layers(L)
-        n_groups = options.get("groups", 2)
-        groups = derived_groups(L, n_groups) if isinstance(n_groups, int) else []
     else:
-        raise ValueError(f"dense_{kind}: unknown preset {preset!r}; known: 'derived', 'reference'")
-    if "layers" in options:
-        extras = normalize_layers(options["layers"], L)
-    if isinstance(options.get("groups"), (list, tuple)):
-        groups = [_group_range(g, L, kind) for g in options["groups"]]
+        extras = derived_extra_layers(L)
+        explicit = isinstance(opts.groups, tuple)
+        groups = [] if explicit else derived_groups(L, 2 if opts.groups is None else opts.groups)
+    if opts.layers is not None:
+        extras = normalize_layers(opts.layers, L)
+    if isinstance(opts.groups, tuple):
+        groups = [_group_range(g, L, kind) for g in opts.groups]
     if kind == "sti" and spec.select_strategy != "default":
         raise ValueError("dense_sti pools patch tokens along the grid; use select_strategy 'default' (no CLS)")
     return DensePlan(
@@ -134,9 +155,9 @@ def plan_dense(kind: str, spec: ConnectorSpec, options: dict[str, Any]) -> Dense
         final=final,
         extras=tuple(extras) if kind in ("sti", "sci") else (),
         groups=tuple(groups) if kind == "dci" else (),
-        alpha=alpha,
-        sti_pool=sti_pool,
-        final_first=bool(options.get("final_first", True)),
+        alpha=opts.alpha,
+        sti_pool=opts.sti_pool,
+        final_first=opts.final_first,
     )
 
 
@@ -188,3 +209,31 @@ def _sti_pool(x: torch.Tensor, plan: DensePlan, grid: int) -> torch.Tensor:
     if plan.sti_pool == "1d":
         return F.avg_pool1d(x.transpose(1, 2), kernel_size=plan.alpha, stride=plan.alpha).transpose(1, 2)
     return pool_grid(x, grid, plan.alpha)  # floor, like the 1-D pooling
+
+
+class DenseFusion(Fusion):
+    """Dense Connector STI/SCI/DCI as a :class:`~vlweave.connectors.fusion.Fusion`: ``pool`` first (each layer's
+    grid), then :func:`dense_fuse`.  ``layers`` are the plan's (final first, then extras / group members)."""
+
+    def __init__(self, kind: str, spec: ConnectorSpec, options: DenseFusionOptions) -> None:
+        super().__init__(spec, options)
+        self.kind = kind
+        self.plan = plan_dense(kind, spec, options)
+        self.layers = tuple(self.plan.layers)
+        self.out_channels = dense_channels(self.plan, spec.vision_hidden_size)
+
+    def extra_tokens(self, grid: int | None = None) -> int:
+        g = (self.spec.grid if grid is None else grid) // self.pool
+        return sti_extra_tokens(self.plan, g)
+
+    def __call__(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        pooled = self.pool_features(features)
+        return dense_fuse(self.plan, dict(zip(self.layers, pooled)), self.spec.grid // self.pool)
+
+    def signature(self) -> dict[str, Any]:
+        # This exact form is what feature caches were keyed by before fusions were objects.
+        return {"pool": self.pool, "dense": dict(vars(self.plan))}
+
+
+for _kind in DENSE_KINDS:
+    register_fusion(_kind, DenseFusionOptions, DenseFusion)
