@@ -14,43 +14,35 @@ grid"; ``bilinear``: interpolation, align_corners False), ``projector`` (``linea
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlweave.connectors.base import BASE_TOWER, Connector, ConnectorOutput, ConnectorSpec, TowerInput, register
-
-RESIZE_MODES = ("area", "bilinear")
-
+from vlweave.connectors.base import (
+    BASE_TOWER,
+    Connector,
+    ContractExample,
+    ConnectorOutput,
+    ConnectorSpec,
+    TowerInput,
+    register,
+)
 
 @dataclass(frozen=True)
 class TowerConcatOptions:
-    towers: tuple[str, ...] | None = None
-    resize: str = "area"
-    projector: str = "mlp2x_gelu"
+    towers: tuple[str, ...] | None = None  # None: every tower of the model
+    resize: Literal["area", "bilinear"] = "area"
+    projector: str = "mlp2x_gelu"  # linear | mlpNx_gelu
 
-    @classmethod
-    def parse(cls, options: Mapping[str, Any]) -> "TowerConcatOptions":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"tower_concat: unknown option(s) {unknown}; allowed: {sorted(known)}")
-        towers = options.get("towers")
-        if towers is not None and not (isinstance(towers, (list, tuple)) and all(isinstance(t, str) for t in towers)):
-            raise ValueError(f"tower_concat: option 'towers' must be a list of tower names, got {towers!r}")
-        resize = options.get("resize", "area")
-        if resize not in RESIZE_MODES:
-            raise ValueError(f"tower_concat: option 'resize' must be one of {list(RESIZE_MODES)}, got {resize!r}")
-        projector = options.get("projector", "mlp2x_gelu")
-        if not isinstance(projector, str) or not re.fullmatch(r"linear|mlp[1-9]\d*x_gelu", projector):
-            raise ValueError(f"tower_concat: option 'projector' must be 'linear' or 'mlpNx_gelu', got {projector!r}")
-        return cls(towers=None if towers is None else tuple(towers), resize=resize, projector=projector)
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"linear|mlp[1-9]\d*x_gelu", self.projector):
+            raise ValueError(f"tower_concat: option 'projector' must be 'linear' or 'mlpNx_gelu', got "
+                             f"{self.projector!r}")
 
 
 def _final_layer(tower: TowerInput) -> int:
@@ -63,11 +55,12 @@ def _final_layer(tower: TowerInput) -> int:
 
 
 class TowerConcatConnector(Connector):
-    allowed_options = frozenset(f.name for f in dataclasses.fields(TowerConcatOptions))
+    options_class = TowerConcatOptions
+    contract_examples = (ContractExample(vision="dinov2", towers={"clip": "clip"}),)
+    options: TowerConcatOptions
 
     def __init__(self, spec: ConnectorSpec) -> None:
         super().__init__(spec)
-        self.options = TowerConcatOptions.parse(spec.options)
         if not spec.towers:
             raise ValueError("tower_concat needs the model's named towers (ConnectorSpec.towers)")
         names = list(self.options.towers or spec.towers)
