@@ -121,6 +121,7 @@ def build_model(cfg: RunConfig) -> tuple[VlweaveForConditionalGeneration, PreTra
         system_prompt=language.system_prompt,
         tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
         extra_vision_towers={name: extra_tower_entry(cfg.towers[name], t) for name, t in extra.items()},
+        lm_modules=[{"type": m.type, "name": m.name or m.type, "options": dict(m.options)} for m in language.modules],
     )
     torch.manual_seed(cfg.train.seed)  # connector init is part of the seeded run
     model = VlweaveForConditionalGeneration(config, vision_tower=tower, language_model=lm, extra_towers=extra)

@@ -49,8 +49,18 @@ class ConnectorConfig:
 
 
 @dataclass
+class LMModuleConfig:
+    """An LM-side module a method adds inside or beside the LM (``vlweave.language.modules`` registry key); its tune
+    key is ``name`` (default: the type)."""
+
+    type: str = ""
+    name: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class LanguageConfig:
-    """The causal LM, its chat template and sequence budget."""
+    """The causal LM, its chat template and sequence budget, and LM-side modules (``modules``)."""
 
     name: str = "smollm2-135m-instruct"
     tokenizer: str | None = None  # None: the LM's own folder
@@ -59,6 +69,7 @@ class LanguageConfig:
     max_length: int = 2048
     random_init: bool = False
     config_overrides: dict[str, Any] = field(default_factory=dict)
+    modules: list[LMModuleConfig] = field(default_factory=list)  # e.g. [{type: block_adapter, options: {layers: [-1]}}]
 
 
 @dataclass
@@ -101,6 +112,9 @@ class StageConfig:
     grad_accum: int = 1
     lr: float = 2e-5
     connector_lr: float | None = None  # separate lr for the connector (LLaVA LoRA recipe: mm_projector_lr)
+    # Per-component lr overrides by tune key ({connector: 1e-3, block_adapter: 1e-3}; `vision` = every tower);
+    # a component_lr entry wins over connector_lr, which wins over lr.
+    component_lr: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
@@ -202,6 +216,10 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     key, raw = item.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else ""
     parts = key.strip().split(".")
+    for by_component in ("tune", "component_lr"):  # component names have dots: tune.vision.base is one key
+        if by_component in parts[:-2]:
+            i = parts.index(by_component)
+            parts = parts[: i + 1] + [".".join(parts[i + 1 :])]
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
@@ -271,6 +289,8 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
         args = typing.get_args(tp)
         if len(args) == 2 and dataclasses.is_dataclass(args[1]):
             return {str(k): _build(args[1], v, source, f"{key}.{k}.") for k, v in value.items()}
+        if len(args) == 2 and args[1] in (int, float, str, bool):
+            return {str(k): _coerce(args[1], v, source, f"{key}.{k}") for k, v in value.items()}
         return dict(value)
     if tp is Any:
         return value

@@ -12,7 +12,9 @@ on every cached decode step through the context.
 
 Checkpoint layout: the base tower's weights are saved as ``vision_tower.*`` (HF llava's name, and what checkpoints
 saved before named towers contain); the others as ``vision_towers.<name>.*``.  In memory every tower lives in the
-``vision_towers`` ``ModuleDict``; a registered weight renaming maps between the two on load and save.
+``vision_towers`` ``ModuleDict``; a registered weight renaming maps between the two on load and save.  LM-side
+modules (``config.lm_modules``, ``vlweave.language.modules``) are built here and saved as ``lm_modules.<name>.*``.
+``components()`` names what a tune policy can train.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from vlweave.connectors import ConnectorSpec, build_connector
 from vlweave.connectors.base import TowerInput
 from vlweave.context import VlweaveContext
+from vlweave.language.modules import LMModuleSpec, build_lm_module, lm_module_entries
 from vlweave.processing import IGNORE_INDEX
 from vlweave.vision.towers import (
     BASE_TOWER,
@@ -90,6 +93,9 @@ class VlweaveConfig(PreTrainedConfig):
     # "image_mean": [...], "image_std": [...], "image_aspect": ..., "vision_feature_layer": ...,
     # "vision_feature_select_strategy": ...}} (plain JSON, so config.json stays readable by any tool).
     extra_vision_towers: dict | None = None
+    # LM-side modules a method injects inside or beside the LM (``vlweave.language.modules``), built with the model
+    # so that from_pretrained rebuilds them: [{"type": "block_adapter", "name": "block_adapter", "options": {...}}].
+    lm_modules: list | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -101,6 +107,7 @@ class VlweaveConfig(PreTrainedConfig):
             self.image_std = [0.229, 0.224, 0.225]
         if self.extra_vision_towers is None:
             self.extra_vision_towers = {}
+        self.lm_modules = lm_module_entries(self.lm_modules)
         for name, tower in self.extra_vision_towers.items():
             unknown = set(tower) - set(TOWER_KEYS)
             if name == BASE_TOWER or "vision_config" not in tower or unknown:
@@ -193,12 +200,30 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel, GenerationMixin):
             raise ValueError(f"connector {config.connector_type!r} needs tower(s) {sorted(unknown_towers)}; this "
                              f"model has {list(self.tower_specs)}")
         self._prefill_hooks: dict[str, PrefillHook] = {}
+        # After the connector, so that adding a module leaves the connector's seeded init unchanged.
+        self.lm_modules = nn.ModuleDict()
+        for entry in config.lm_modules:
+            spec = LMModuleSpec(name=entry["name"], type=entry["type"], options=entry["options"],
+                                hidden_size=int(config.text_config.hidden_size),
+                                num_layers=int(config.text_config.num_hidden_layers))
+            self.lm_modules[spec.name] = build_lm_module(spec)
+            self.lm_modules[spec.name].attach(self)
         self.post_init()
 
     @property
     def vision_tower(self) -> nn.Module:
         """The base tower (HF llava's attribute name)."""
         return self.vision_towers[BASE_TOWER]
+
+    def components(self) -> dict[str, nn.Module]:
+        """The trainable components by tune-policy name: ``vision.<tower>`` for every tower (base first),
+        ``connector``, ``language``, then each LM-side module by its name.  Tune policies, optimizer groups,
+        checkpoints and export iterate over these; a parameter belongs to the innermost component holding it."""
+        out: dict[str, nn.Module] = {f"vision.{name}": tower for name, tower in self.vision_towers.items()}
+        out["connector"] = self.connector
+        out["language"] = self.language_model
+        out.update(self.lm_modules.items())
+        return out
 
     def _restore_attn_implementation(self) -> None:
         """Give prebuilt sub-models their attention implementation back.

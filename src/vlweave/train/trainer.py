@@ -34,7 +34,14 @@ from vlweave.data.llava_json import Sample, load_llava_data
 from vlweave.hardware import bf16_available
 from vlweave.processing import IGNORE_INDEX, make_transform
 from vlweave.processor import VlweaveProcessor
-from vlweave.train.policy import apply_tune_policy, merge_lora
+from vlweave.train.policy import (
+    apply_tune_policy,
+    component_lr,
+    merge_lora,
+    parameter_owners,
+    resolve_tune,
+    trained_tensors,
+)
 from vlweave.vision.cache import FeatureCache
 from vlweave.vision.towers import BASE_TOWER
 
@@ -95,7 +102,10 @@ class Trainer:
         if cfg.train.cache_features and not vision_trained:
             self.store = FeatureCache(self.model)
         self.metrics: list[dict[str, Any]] = []
-        self.trained_names: set[str] = set()
+        # What training has changed so far, by component: {component: {"full" | "lora" | "buffers"}}; checkpoints
+        # store exactly these tensors (``trained_names``).
+        self.trained: dict[str, set[str]] = {}
+        self._legacy_trained: set[str] = set()  # tensor names from a checkpoint saved before components
         cfg.save(self.run_dir / "config.yaml")
 
     # ---- helpers --------------------------------------------------------------------------------------
@@ -155,16 +165,27 @@ class Trainer:
             raise ValueError(f"connector text_encoder {encoder!r}: only 'language' (the LM's tokenizer) is supported")
         return [self.tokenizer("\n".join(t), add_special_tokens=False)["input_ids"] for t in texts]
 
+    @property
+    def trained_names(self) -> set[str]:
+        """The tensors training has changed so far (what a checkpoint stores), from ``self.trained``."""
+        return set(trained_tensors(self.model, self.trained)) | self._legacy_trained
+
+    def _mark_trained(self, stage: StageConfig) -> None:
+        for comp, policy in resolve_tune(stage, self.model.components()).items():
+            if policy != "frozen":
+                self.trained.setdefault(comp, set()).add(policy)
+
     def _optimizer(self, stage: StageConfig) -> torch.optim.Optimizer:
-        conn, other = [], []
+        """One parameter group per trained component (``name``: the component), with its lr
+        (``policy.component_lr``).  The connector's group comes first, then the others in ``model.components()``
+        order, so with ``connector_lr`` set the logged ``lr`` (the last group's) is still the other components'."""
+        owners = parameter_owners(self.model)
+        by_comp: dict[str, list[torch.nn.Parameter]] = {}
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                (conn if name.startswith("connector.") else other).append(p)
-        groups = []
-        if conn:
-            groups.append({"params": conn, "lr": stage.connector_lr or stage.lr})
-        if other:
-            groups.append({"params": other, "lr": stage.lr})
+                by_comp.setdefault(owners[name], []).append(p)
+        order = ["connector", *(c for c in self.model.components() if c != "connector")]
+        groups = [{"params": by_comp[c], "lr": component_lr(stage, c), "name": c} for c in order if c in by_comp]
         if not groups:
             raise ValueError(f"stage {stage.name!r} trains nothing: every component is frozen")
         return torch.optim.AdamW(groups, weight_decay=stage.weight_decay)
@@ -178,13 +199,15 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
-        state = {n: t.detach().cpu().contiguous() for n, t in tensors.items() if n in self.trained_names}
+        names = self.trained_names
+        state = {n: t.detach().cpu().contiguous() for n, t in tensors.items() if n in names}
         save_file(state, str(tmp / "trained.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": torch.get_rng_state(), "np_rng": np.random.get_state(), "py_rng": random.getstate()},
                    tmp / "state.pt")
         (tmp / "progress.json").write_text(json.dumps(
-            {"stage_index": stage_index, "step": step, "trained": sorted(self.trained_names), "metrics": self.metrics}))
+            {"stage_index": stage_index, "step": step, "trained": sorted(names),
+             "components": {c: sorted(k) for c, k in self.trained.items()}, "metrics": self.metrics}))
         if final.exists():  # re-saving a name (a resumed run's stage end): keep a complete copy at every moment
             old = final.with_name(name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -215,14 +238,17 @@ class Trainer:
             prog = json.loads((ckpt / "progress.json").read_text())
             start_stage, start_step = prog["stage_index"], prog["step"]
             self.metrics = prog["metrics"]
-            self.trained_names = set(prog["trained"])
+            if "components" in prog:
+                self.trained = {c: set(k) for c, k in prog["components"].items()}
+            else:  # saved before components: the tensor names themselves
+                self._legacy_trained = set(prog["trained"])
         t0 = time.time()
         for index, stage in enumerate(cfg.train.stages):
             if index < start_stage:
                 apply_tune_policy(self.model, stage, cfg.train.lora)  # same structure (LoRA) as the original run
                 continue
-            trainable = apply_tune_policy(self.model, stage, cfg.train.lora)
-            self.trained_names |= set(trainable)
+            apply_tune_policy(self.model, stage, cfg.train.lora)
+            self._mark_trained(stage)
             if ckpt is not None and index == start_stage:
                 self._load_trained(ckpt)
             samples = self.stage_samples(index, stage)
@@ -267,7 +293,7 @@ class Trainer:
         else:
             feats = self.model.vision_features(self.processor.pixel_values(images)[BASE_TOWER])
         calibrate(feats)
-        self.trained_names |= {f"connector.{n}" for n, _ in self.model.connector.named_buffers()}
+        self.trained.setdefault("connector", set()).add("buffers")
 
     def _load_trained(self, ckpt: Path) -> None:
         state = load_file(str(ckpt / "trained.safetensors"))
@@ -318,8 +344,14 @@ class Trainer:
 
     # ---- outputs --------------------------------------------------------------------------------------
     def export(self) -> Path:
-        """Merged (LoRA folded in) HF-format checkpoint at ``run_dir/final``."""
-        merge_lora(self.model)
+        """HF-format checkpoint at ``run_dir/final``, component by component: LoRA is folded into the base weights
+        of the component that holds it (the LM, a tower); what cannot be merged -- the LM-side modules -- is saved
+        unmerged as its own weights (``lm_modules.<name>.*``) and rebuilt from ``config.lm_modules`` on load."""
+        for module in self.model.components().values():
+            merge_lora(module)
+        left = [n for n, _ in self.model.named_parameters() if "lora_" in n]
+        if left:  # nothing on load would rebuild these adapters: refuse rather than drop them silently
+            raise RuntimeError(f"export: LoRA parameters outside every component survived the merge: {left[:5]}")
         self.model.requires_grad_(False)
         return save_checkpoint(self.model, self.tokenizer, self.run_dir / "final", processor=self.processor)
 
