@@ -763,6 +763,12 @@ def tower_pixels(model: Any, images: Sequence[Any],
     through its own transform (size, normalisation, aspect).  ``images``: paths or PIL images."""
     if transforms is None:
         transforms = {n: tower_transform(model.tower_specs[n]) for n in model.needed_towers()}
+    return pixels_by_tower(transforms, images)
+
+
+def pixels_by_tower(transforms: dict[str, ImageTransform], images: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """``{tower: FloatTensor [N, 3, S, S]}``: each image (a path or a PIL image, opened once) through every
+    tower's transform."""
     opened = [load_image(p) if isinstance(p, (str, Path)) else p for p in images]
     return {name: torch.stack([t(im) for im in opened]) for name, t in transforms.items()}
 
@@ -784,6 +790,7 @@ __all__ = [
     "image_transforms",
     "load_image",
     "make_transform",
+    "pixels_by_tower",
     "tower_pixels",
     "tower_transform",
     "pad_to_square",

@@ -52,7 +52,7 @@ from vlweave.processing import (
     encode_conversation,
     encode_prompt,
     image_transforms,
-    load_image,
+    pixels_by_tower,
     tower_transform,
 )
 
@@ -221,8 +221,7 @@ class VlweaveProcessor(ProcessorMixin):
     def pixel_values(self, images: Sequence[Any]) -> dict[str, torch.Tensor]:
         """``{tower: FloatTensor [N, 3, S, S]}`` for the towers the connector needs, each through its own transform.
         ``images``: paths or PIL images (each opened once)."""
-        opened = [load_image(p) if isinstance(p, (str, Path)) else p for p in images]
-        return {name: torch.stack([t(im) for im in opened]) for name, t in self.transforms.items()}
+        return pixels_by_tower(self.transforms, images)
 
     # ---- batches -------------------------------------------------------------------------------------------
     def collate(self, encoded: Sequence[Mapping[str, Any]], images: Sequence[Any] | None = None, *,
