@@ -133,6 +133,8 @@ class TrainConfig:
     bf16: bool = True  # autocast where the hardware supports it
     cache_features: bool = True  # frozen-feature cache: a frozen tower runs once per image
     save_every: int = 0  # steps; 0 = only at stage ends
+    keep_checkpoints: int | None = None  # keep the newest N checkpoints (None: all); >= 2 leaves a fallback
+    on_nonfinite: str = "stop"  # NaN/inf loss or gradient: "stop" (exit non-zero) or "skip" the batch (counted)
     log_every: int = 10
     output_dir: str = "runs/default"
 
