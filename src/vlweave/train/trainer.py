@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -34,11 +31,12 @@ from vlweave.data.llava_json import Sample, load_llava_data
 from vlweave.hardware import bf16_available
 from vlweave.processing import IGNORE_INDEX, make_transform
 from vlweave.processor import VlweaveProcessor
-from vlweave.safe_io import atomic_write_text, disk_full_guard
+from vlweave.safe_io import atomic_write_text
 from vlweave.train import checkpoints as ckpts
 from vlweave.train.guards import (
     DataWarnings,
     NonFiniteGuard,
+    NonFiniteLossError,
     assert_finite_tensors,
     check_same_data,
     data_fingerprint,
@@ -311,18 +309,27 @@ class Trainer:
             if ckpt is None and index == 0:
                 self.calibrate_connector(examples)
             if step < total:
-                self._run_stage(index, stage, examples, mbs, total, step, optimizer, scheduler)
+                try:
+                    self._run_stage(index, stage, examples, mbs, total, step, optimizer, scheduler)
+                except NonFiniteLossError as exc:  # keep the log of what happened beside the finite checkpoints
+                    self._write_metrics({"train_seconds": time.time() - t0, "steps": len(self.metrics),
+                                         "stopped": str(exc)})
+                    raise
             self.save_state(index, total, optimizer, scheduler)
         summary = {"train_seconds": time.time() - t0, "steps": len(self.metrics),
                    "nonfinite_skipped": len(self.guard.skipped)}
         self.data_warnings.announce()
         self.export()
         self.plot_loss()
+        self._write_metrics(summary)
+        return summary
+
+    def _write_metrics(self, summary: dict[str, Any]) -> None:
+        """``train_metrics.json``: the summary, the counted data warnings, the skipped steps and the step log."""
         atomic_write_text(self.run_dir / "train_metrics.json",
                           json.dumps({"summary": summary, "warnings": self.data_warnings.as_dict(),
                                       "nonfinite_skipped": self.guard.skipped, "log": self.metrics}, indent=1),
                           "training metrics")
-        return summary
 
     @torch.no_grad()
     def calibrate_connector(self, examples: dict[int, dict[str, Any]], max_images: int = 512) -> None:
