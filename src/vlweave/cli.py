@@ -93,6 +93,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vlweave.builder import load_checkpoint, load_processor
     from vlweave.eval.runner import evaluate, load_eval_questions
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
     if args.benchmark is not None:
         return _cmd_eval_benchmark(args)
     if args.annotations is not None or args.split is not None or args.parser is not None:
@@ -143,6 +149,12 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from vlweave.serve.chat import ChatSession
     from vlweave.builder import load_checkpoint, load_processor
 
+    if args.max_new_tokens < 1 or args.frames < 1:
+        raise ValueError(f"--max-new-tokens and --frames must be at least 1, got {args.max_new_tokens} and "
+                         f"{args.frames}")
+    for path in (args.image, args.video):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: file not found")
     model, tokenizer = load_checkpoint(args.checkpoint)
     session = ChatSession(model, tokenizer, image=args.image, max_new_tokens=args.max_new_tokens,
                           video=args.video, num_frames=args.frames,

@@ -189,7 +189,9 @@ def _load_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, A
     if path.resolve() in seen:
         raise ConfigError(f"{path}: circular `base:` chain")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        from vlweave.safe_io import read_text_file
+
+        data = yaml.safe_load(read_text_file(path, error=ConfigError)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(data, dict):
