@@ -14,6 +14,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,18 +39,36 @@ def disk_full_guard(path: str | Path, what: str, kept: str | None = None) -> Ite
         yield
     except DiskFullError:
         raise
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        tail = f"; {kept}" if kept else ""
-        raise DiskFullError(exc.errno, f"{path}: no space left on device while writing the {what}{tail}",
-                            str(path)) from None
-    except RuntimeError as exc:  # torch.save / safetensors report a failed write as RuntimeError with the OS text
-        if "No space left" not in str(exc) and "ENOSPC" not in str(exc):
+    except Exception as exc:
+        if not _is_disk_full(exc, Path(path)):
             raise
         tail = f"; {kept}" if kept else ""
         raise DiskFullError(errno.ENOSPC, f"{path}: no space left on device while writing the {what}{tail}",
                             str(path)) from None
+
+
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                return None
+    return None
+
+
+def _is_disk_full(exc: BaseException, path: Path) -> bool:
+    """ENOSPC/EDQUOT, or a writer's own error for it: safetensors says "No space left" / StorageFull; torch.save
+    only says "file write failed", so a write error on a filesystem with (almost) no free space counts too."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    if "No space left" in text or "StorageFull" in text or "ENOSPC" in text:
+        return True
+    if isinstance(exc, (OSError, RuntimeError)) or type(exc).__name__ == "SafetensorError":
+        free = _free_bytes(path)
+        return free is not None and free < (1 << 20)
+    return False
 
 
 def atomic_write_text(path: str | Path, text: str, what: str = "file") -> Path:

@@ -102,14 +102,15 @@ class FeatureStore:
             self._by_digest.update(self._read(self.path))
 
     @staticmethod
-    def _read(path: Path) -> dict[str, list[torch.Tensor]]:
+    def _read(path: Path, warn: bool = True) -> dict[str, list[torch.Tensor]]:
         """The entries of a store file; a damaged file (truncated by a full disk, say) is ignored with a warning
         and rebuilt, never half-read."""
         try:
             verify_safetensors(path)
             data = load_file(str(path))
         except (DamagedFileError, OSError, SafetensorError) as exc:
-            warnings.warn(f"{path}: feature cache file unreadable ({exc}); recomputing its features", stacklevel=3)
+            if warn:
+                warnings.warn(f"{path}: feature cache file unreadable ({exc}); recomputing its features", stacklevel=3)
             return {}
         grouped: dict[str, dict[int, torch.Tensor]] = {}
         for name, t in data.items():
@@ -124,7 +125,7 @@ class FeatureStore:
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.path) + ".lock"):
-            on_disk = self._read(self.path) if self.path.exists() else {}
+            on_disk = self._read(self.path, warn=False) if self.path.exists() else {}  # what others added
             merged = {**on_disk, **{d: self._by_digest[d] for d in self._new}}
             tensors = {f"{d}.{j}": t.contiguous() for d in sorted(merged) for j, t in enumerate(merged[d])}
             tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
