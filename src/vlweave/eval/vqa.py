@@ -75,18 +75,19 @@ def context_length(model) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def check_prompt_lengths(model, lengths: Sequence[tuple[Any, int]], max_new_tokens: int) -> None:
+def check_prompt_lengths(model, lengths: Sequence[tuple[str, int]], max_new_tokens: int) -> None:
     """Refuse prompts that with ``max_new_tokens`` do not fit the LM's context (instead of generating garbage past
-    the position table, or allocating a KV cache for a runaway question), naming the questions."""
+    the position table, or allocating a KV cache for a runaway question).  ``lengths``: (what the prompt is --
+    "question_id 'q1'", "chat turn 2" --, its token count)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     limit = context_length(model)
     if limit is None:
         return
-    long = [(qid, n) for qid, n in lengths if n + max_new_tokens > limit]
+    long = [(what, n) for what, n in lengths if n + max_new_tokens > limit]
     if long:
-        shown = ", ".join(f"question_id {qid!r} ({n} tokens)" for qid, n in long[:5])
-        raise ValueError(f"{len(long)} question(s) too long for the model's context of {limit} tokens (prompt + "
+        shown = ", ".join(f"{what} ({n} tokens)" for what, n in long[:5])
+        raise ValueError(f"{len(long)} prompt(s) too long for the model's context of {limit} tokens (prompt + "
                          f"max_new_tokens={max_new_tokens}): {shown}{' ...' if len(long) > 5 else ''}")
 
 
@@ -118,7 +119,8 @@ def generate_answers(
     texts = [q.text + prompt_suffix for q in questions]
     prompts = [processor.encode_question(t, q.has_image, template=template, system_prompt=system_prompt,
                                          sample_id=str(q.question_id)) for t, q in zip(texts, questions)]
-    check_prompt_lengths(model, [(q.question_id, len(p)) for q, p in zip(questions, prompts)], max_new_tokens)
+    check_prompt_lengths(model, [(f"question_id {q.question_id!r}", len(p)) for q, p in zip(questions, prompts)],
+                         max_new_tokens)
     if store is not None:
         store.ensure([q.image for q in questions if q.has_image and isinstance(q.image, str)], progress)
     order = sorted(range(len(questions)), key=lambda i: len(prompts[i]))
@@ -185,11 +187,13 @@ class PartialPredictions:
     def __init__(self, path: str | Path, row: Callable[[int, str], dict[str, Any]]) -> None:
         self.path = Path(path)
         self.row = row
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "w", encoding="utf-8")
+        self._fh = None  # opened at the first batch: a run refused before generating leaves no file
 
     def __call__(self, indices: list[int], answers: list[str]) -> None:
         with disk_full_guard(self.path, "partial predictions"):
+            if self._fh is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = open(self.path, "w", encoding="utf-8")
             self._fh.write("".join(json.dumps(self.row(i, a), ensure_ascii=False) + "\n"
                                    for i, a in zip(indices, answers)))
             self._fh.flush()
@@ -197,6 +201,8 @@ class PartialPredictions:
     def close(self, interrupted: bool) -> None:
         """Close the file; when ``interrupted``, say where the predictions made so far are.  The caller removes
         the file once the complete predictions are written."""
+        if self._fh is None:
+            return
         self._fh.close()
         if interrupted:
             import sys
