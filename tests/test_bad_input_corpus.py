@@ -320,7 +320,7 @@ CASES = [
          ("{tmp}/mmbench_dev_en.tsv", "row 1")),
     # -- chat
     Case("chat-image-missing", chat_case("--image", "/nonexistent/x.png", "--prompt", "Hi"),
-         ("/nonexistent/x.png", "file not found")),
+         ("/nonexistent/x.png", "no such image file")),
     Case("chat-image-corrupt", chat_case("--prompt", "Hi", image=png_bytes("truncated")),
          ("{tmp}/bad.png", "cannot read image")),
     Case("chat-truncated-weights", chat_case("--prompt", "Hi", ckpt=damaged_checkpoint),

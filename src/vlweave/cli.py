@@ -152,9 +152,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1 or args.frames < 1:
         raise ValueError(f"--max-new-tokens and --frames must be at least 1, got {args.max_new_tokens} and "
                          f"{args.frames}")
-    for path in (args.image, args.video):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: file not found")
+    if args.image is not None and not Path(args.image).is_file():  # before the model load (a video: data/video.py)
+        raise FileNotFoundError(f"{args.image}: no such image file")
     model, tokenizer = load_checkpoint(args.checkpoint)
     session = ChatSession(model, tokenizer, image=args.image, max_new_tokens=args.max_new_tokens,
                           video=args.video, num_frames=args.frames,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,9 @@ class NonFiniteGuard:
     skipped: list[dict[str, Any]] = field(default_factory=list)
 
     def step_ok(self, stage_name: str, stage_index: int, step: int, losses: list[float], grad_norm: float | None,
-                kept: str) -> bool:
+                kept: Callable[[], str]) -> bool:
+        """True when the step may be applied; False to skip it (``skip``); raises (``stop``).  ``kept()`` says
+        which checkpoint survives, for the message."""
         bad_loss = [x for x in losses if not math.isfinite(x)]
         bad_grad = grad_norm is not None and not math.isfinite(grad_norm)
         if not bad_loss and not bad_grad:
@@ -107,7 +110,7 @@ class NonFiniteGuard:
             self.skipped.append({"stage_index": stage_index, "step": step, "reason": what})
             return False
         raise NonFiniteLossError(
-            f"{where}: non-finite {what}; training stopped before applying it ({kept}). Lower the learning rate "
+            f"{where}: non-finite {what}; training stopped before applying it ({kept()}). Lower the learning rate "
             "(or set max_grad_norm), or set train.on_nonfinite=skip to drop such batches and count them")
 
 

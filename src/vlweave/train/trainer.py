@@ -381,7 +381,7 @@ class Trainer:
                 n_tok += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             grad_norm = total_grad_norm(params, stage.max_grad_norm)
             ok = self.guard.step_ok(stage.name, index, step + 1, micro_losses, float(grad_norm),
-                                    ckpts.describe_kept(self.run_dir))
+                                    lambda: ckpts.describe_kept(self.run_dir))
             if ok:
                 optimizer.step()
             scheduler.step()  # a skipped batch still counts as a step: the schedule and batch plan stay aligned

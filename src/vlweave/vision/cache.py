@@ -147,7 +147,10 @@ class FeatureStore:
         return digest, self._path_digest.get(path) == digest
 
     def __contains__(self, path: str) -> bool:
-        return self._current(path)[1]
+        try:
+            return self._current(path)[1]
+        except OSError:  # no such file (any more): nothing cached for it
+            return False
 
     @torch.no_grad()
     def ensure(self, paths: Sequence[str], progress: bool = True, desc: str = "caching tower features") -> None:
