@@ -207,6 +207,19 @@ def mmbench_case(make_rows: Callable[[str], list[list[str]]], *, latin1: bool = 
     return build
 
 
+def vqa_style_case(benchmark: str, annotations: Callable[[list[dict]], object]):
+    """A good LLaVA question file with bad ground truth (``--annotations``)."""
+    def build(base, tmp):
+        rows = [{"question_id": q["question_id"], "image": q["image"], "text": q["text"]} for q in base.questions]
+        q = tmp / "questions.jsonl"
+        q.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        ann = tmp / "annotations.json"
+        ann.write_text(json.dumps(annotations(rows)))
+        return ["eval", str(base.ckpt), "--benchmark", benchmark, "--data", str(q), "--annotations", str(ann),
+                "--image-folder", str(base.data), "--output", str(tmp / "out")], [q, ann]
+    return build
+
+
 def chat_case(*args: str, ckpt: Callable | None = None, image: bytes | None = None):
     def build(base, tmp):
         folder = ckpt(base, tmp) if ckpt else base.ckpt
@@ -318,6 +331,12 @@ CASES = [
                                               latin1=True), ("{tmp}/mmbench_dev_en.tsv", "not UTF-8 text at line 2")),
     Case("mmbench-bad-base64", mmbench_case(lambda b64: [["0", "Which?", "", "red", "blue", "A", "c", "@@@"]]),
          ("{tmp}/mmbench_dev_en.tsv", "row 1")),
+    Case("textvqa-non-string-answers", vqa_style_case("textvqa", lambda rows: {"data": [
+        {"question_id": r["question_id"], "answers": ["red"] * 10 if i != 2 else [1, 2]} for i, r in enumerate(rows)]}),
+         ("{tmp}/annotations.json", "record 2 (question_id 'q2')", "'answers' must be a non-empty list of strings")),
+    Case("gqa-missing-answer", vqa_style_case("gqa", lambda rows: {
+        r["question_id"]: {"question": r["text"], **({"answer": "red"} if i != 4 else {})} for i, r in enumerate(rows)}),
+         ("{tmp}/annotations.json", "question 'q4'", "missing 'answer'")),
     # -- chat
     Case("chat-image-missing", chat_case("--image", "/nonexistent/x.png", "--prompt", "Hi"),
          ("/nonexistent/x.png", "no such image file")),
@@ -334,7 +353,7 @@ CASES = [
 def test_corpus_is_large_and_covers_every_entry_point():
     kinds = {c.name.split("-")[0] for c in CASES}
     assert len(CASES) >= 30 and len({c.name for c in CASES}) == len(CASES)
-    assert {"train", "config", "resume", "eval", "pope", "mmbench", "chat"} <= kinds
+    assert {"train", "config", "resume", "eval", "pope", "mmbench", "textvqa", "gqa", "chat"} <= kinds
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

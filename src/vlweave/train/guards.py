@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from vlweave.config import ConfigError, RunConfig
+from vlweave.train.checkpoints import ResumeError
 
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -171,8 +172,6 @@ def check_same_data(saved: dict[str, Any] | None, now: dict[str, Any], stage: st
     if not saved:
         return  # a checkpoint written before fingerprints: nothing to compare
     if saved["records"] != now["records"] or saved["sha256"] != now["sha256"]:
-        from vlweave.train.checkpoints import ResumeError
-
         raise ResumeError(
             f"{now['path']}: training data of stage {stage} changed since checkpoint {ckpt} "
             f"({saved['records']} records, sha256 {saved['sha256'][:12]} then; {now['records']} records, sha256 "
