@@ -270,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, KeyError)
 EXIT_USER_ERROR = 2  # bad config, data, checkpoint or file; disk full
 EXIT_NONFINITE = 3  # training stopped on a NaN/inf loss or gradient
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 
 def _os_message(exc: OSError) -> str:
@@ -306,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"vlweave {args.command}: error: {_os_message(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:  # checkpoints and partial predictions written so far are complete files
+        print(f"vlweave {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
