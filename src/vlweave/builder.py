@@ -126,8 +126,7 @@ def build_model(cfg: RunConfig) -> tuple[VlweaveForConditionalGeneration, PreTra
     torch.manual_seed(cfg.train.seed)  # connector init is part of the seeded run
     model = VlweaveForConditionalGeneration(config, vision_tower=tower, language_model=lm, extra_towers=extra)
     model.vision_towers.requires_grad_(False)
-    if not language.random_init:  # random_init runs (tests) build every part from configs alone
-        model.connector.load_pretrained()  # parts the connector owns (MoVA's gate text encoder)
+    model.connector.load_pretrained()  # pretrained parts the connector owns (MoVA's gate text encoder)
     # Facts the connector read from local files (an encoder's config) go into config.json, so a checkpoint
     # rebuilds without them.
     config.connector_options = {**config.connector_options, **model.connector.resolved_options()}
