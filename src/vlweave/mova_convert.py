@@ -92,10 +92,11 @@ def convert_state_dict(state: dict[str, torch.Tensor], text_encoder_attr: str = 
         name = key[len(PREFIX):] if has_prefix else key
         if _ROPE.fullmatch(name):
             which = name.rsplit("_", 1)[1]
-            if rope_reference is not None and not torch.allclose(value.float(), rope_reference[which].float(),
-                                                                  atol=1e-5):
+            ref = None if rope_reference is None else rope_reference[which]
+            if ref is not None and (value.shape != ref.shape or not torch.allclose(value.float(), ref.float(),
+                                                                                   atol=1e-5)):
                 raise ValueError(f"{key}: the released RoPE table {tuple(value.shape)} differs from this connector's "
-                                 f"{tuple(rope_reference[which].shape)} (grid or head size differ)")
+                                 f"{tuple(ref.shape)} (grid or head size differ)")
             conv.skipped.append((key, "RoPE table (recomputed from the grid and head size)"))
             continue
         why = next((w for pat, w in _DROPPED if pat.match(name)), None)

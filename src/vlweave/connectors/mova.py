@@ -327,7 +327,12 @@ def _encoder_config(options: MoVAOptions):
         raise OptionsError("mova: give option 'text_encoder' (an HF encoder folder or asset name) or "
                            "'text_encoder_config' (a config dict for a randomly initialised encoder)",
                            key="text_encoder")
-    return AutoConfig.from_pretrained(_resolve(options.text_encoder))
+    folder = _resolve(options.text_encoder)
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except Exception as err:  # noqa: BLE001  (a missing or broken folder: name the option and the path)
+        raise OptionsError(f"mova: option 'text_encoder' = {options.text_encoder!r}: no HF encoder config at "
+                           f"{folder} ({type(err).__name__}: {err})", key="text_encoder") from None
 
 
 def _resolve(name: str) -> str:
@@ -423,6 +428,9 @@ class MoVAConnector(Connector):
                                key="num_heads")
         self.num_heads = heads
         self.head_dim = width // heads
+        if self.head_dim % 4:
+            raise OptionsError(f"mova: 2-D RoPE needs a head size divisible by 4; width {width} / num_heads {heads} "
+                               f"= {self.head_dim} (set option 'num_heads')", key="num_heads")
 
         enc_cfg = _encoder_config(o)
         text_width = int(enc_cfg.hidden_size)
