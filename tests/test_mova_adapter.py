@@ -556,3 +556,30 @@ def test_bad_options_name_the_option(setup):
     with pytest.raises(OptionsError, match="'text_encoder'"):
         build_connector("mova", dataclasses.replace(spec, options={**spec.options, "text_encoder_config": None,
                                                                    "text_encoder": str(setup["tmp"] / "missing")}))
+
+
+def test_trains_with_the_text_encoder_frozen_and_reloads(setup, tmp_path):
+    from vlweave.train.trainer import Trainer
+
+    cfg = mova_run(setup["tmp"], setup["bert"], num_blocks=1)
+    cfg.data.max_samples = 4
+    cfg.train.output_dir = str(tmp_path / "run")
+    cfg.train.stages = [StageConfig(name="finetune", tune={"connector": "full", "connector.text_encoder": "frozen",
+                                                           "language": "full"},
+                                    max_steps=6, epochs=6, batch_size=4, lr=1e-3, warmup_ratio=0.0)]
+    trainer = Trainer(cfg, progress=False)
+    encoder_before = copy.deepcopy(trainer.model.connector.text_encoder.state_dict())
+    gate_before = trainer.model.connector.blocks[0].gate[0].weight.detach().clone()
+    samples = trainer.stage_samples(0, cfg.train.stages[0])
+    examples = list(trainer.encode_used(cfg.train.stages[0], samples, {0, 1}).values())
+    ids = trainer.collate(examples)["context"].text_input_ids
+    assert ids == [trainer.processor.text_tokenizer("question 0: what color is this?\n\n")["input_ids"]] * 2
+    trainer.train()
+    losses = [m["loss"] for m in trainer.metrics]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    conn = trainer.model.connector
+    assert all(torch.equal(v, conn.text_encoder.state_dict()[k]) for k, v in encoder_before.items())
+    assert not torch.equal(gate_before, conn.blocks[0].gate[0].weight)
+    model, tok = load_checkpoint(tmp_path / "run" / "final")
+    assert all(torch.equal(v, model.connector.state_dict()[k]) for k, v in conn.state_dict().items())
+    assert load_processor(tmp_path / "run" / "final", tok).text_ids([["What color is this?"]]) == [ids[0]]
