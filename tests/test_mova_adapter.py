@@ -263,6 +263,10 @@ def test_an_unrouted_expert_cannot_change_the_output(setup):
         out = model.connector(routed, ctx).tokens
     assert not torch.allclose(out[2], base[2]) and torch.equal(out[:2], base[:2])
     conn = model.connector
+    # what the routing stage reads: the resolved expert order, letters and descriptions
+    assert (conn.options.experts, conn.options.letters, conn.options.descriptions) == (
+        ("doc", "scene"), ("A", "B"), ("doc", "scene"))
+    assert conn.num_routing_tokens == 144
     assert conn.tower_rows("doc", ctx).tolist() == [0, 2] and conn.tower_rows("scene", ctx).tolist() == [1, 2]
     assert conn.tower_rows("base", ctx) is None and conn.tower_rows("doc", VlweaveContext.for_batch([True])) is None
 

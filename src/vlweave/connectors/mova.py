@@ -46,6 +46,7 @@ its output to ``num_routing_tokens``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,7 +88,8 @@ class MoVAOptions:
     # but the base one, in config order.
     experts: tuple[str, ...] | None = None
     letters: tuple[str, ...] | None = None  # routing letter of each expert (default A, B, C, ...)
-    descriptions: tuple[str, ...] | None = None  # one routing-pool sentence per expert (read by the routing stage)
+    # One routing-pool sentence per expert (read by the routing stage); default: the expert's tower name.
+    descriptions: tuple[str, ...] | None = None
     num_blocks: int = field(default=3, metadata={"min": 1})
     top_k: int = field(default=3, metadata={"min": 1})
     num_heads: int | None = field(default=None, metadata={"min": 1})  # None: width // 64 (at least 1)
@@ -394,6 +396,11 @@ class MoVAConnector(Connector):
             raise OptionsError(f"mova: option 'num_routing_tokens' = {o.num_routing_tokens} must be a square (the "
                                f"routing pass pools the output grid to n x n)", key="num_routing_tokens")
         self.routing_side = side
+        # The resolved lists, so that readers of ``connector.options`` (the routing stage) see what is used.
+        descriptions = tuple(o.descriptions) if o.descriptions is not None else tuple(self.experts)
+        self.options = dataclasses.replace(o, experts=tuple(self.experts), letters=tuple(self.letters),
+                                           descriptions=descriptions)
+        o = self.options
 
         # Base input: a fusion of the base tower's hidden states (plain hs[select_layer], or Dense Connector).
         self.fusion = build_fusion(o.base_fusion, spec, dict(o.base_fusion_options or {}))
