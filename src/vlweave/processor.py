@@ -43,6 +43,7 @@ import torch
 from transformers import AutoProcessor, AutoTokenizer, ProcessorMixin
 
 from vlweave.connectors import build_connector
+from vlweave.connectors.base import TextInput
 from vlweave.context import VlweaveContext
 from vlweave.data.collate import pad_batch
 from vlweave.modeling import VlweaveConfig, connector_spec_for
@@ -57,6 +58,7 @@ from vlweave.processing import (
 )
 
 PROCESSOR_CONFIG = "processor_config.json"  # transformers' PROCESSOR_NAME
+TEXT_TOKENIZER_DIR = "text_encoder_tokenizer"  # a connector's own text encoder's tokenizer, beside the LM's
 
 
 def transform_to_dict(transform: ImageTransform) -> dict[str, Any]:
@@ -72,11 +74,29 @@ def transform_from_dict(data: Mapping[str, Any]) -> ImageTransform:
 def connector_facts(config: VlweaveConfig) -> tuple[list[str], int]:
     """``(needed towers in config order, visual tokens per image)`` from a ``VlweaveConfig`` alone: the connector
     is built on the meta device (no memory, no weights) just to ask it."""
+    needed, num_tokens, _ = _connector_facts(config)
+    return needed, num_tokens
+
+
+def _connector_facts(config: VlweaveConfig) -> tuple[list[str], int, TextInput | None]:
     spec = connector_spec_for(config)
     with torch.device("meta"):
         connector = build_connector(config.connector_type, spec)
     wanted = connector.tower_layers()
-    return [n for n in spec.towers if n in wanted], int(connector.num_tokens())
+    return [n for n in spec.towers if n in wanted], int(connector.num_tokens()), connector.text_input()
+
+
+def load_text_tokenizer(text_input: TextInput | None):
+    """The tokenizer of a connector's own text encoder (``source: encoder``), right-truncating; else None."""
+    if text_input is None or text_input.source != "encoder":
+        return None
+    try:
+        tok = AutoTokenizer.from_pretrained(text_input.tokenizer_path)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"the connector's text encoder tokenizer at {text_input.tokenizer_path!r} could not be "
+                         f"loaded: {err}") from None
+    tok.truncation_side = "right"
+    return tok
 
 
 class VlweaveBatch(dict):
@@ -110,6 +130,7 @@ class VlweaveProcessor(ProcessorMixin):
         system_prompt: str | None = None,
         needed_towers: list[str] | None = None,
         chat_template: str | None = None,
+        text_input: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if tokenizer is None:
@@ -138,7 +159,17 @@ class VlweaveProcessor(ProcessorMixin):
         # The live transforms (not saved: tower_transforms is their JSON form).
         self.transforms: dict[str, ImageTransform] = {n: transform_from_dict(t)
                                                       for n, t in self.tower_transforms.items()}
-        super().__init__(tokenizer, chat_template=chat_template)
+        # What the connector reads as text ids (context.text_input_ids), as plain JSON; None: no text.  A
+        # connector's own encoder's tokenizer comes as the ``text_tokenizer`` keyword (not saved in the JSON: it
+        # is saved beside the LM's tokenizer, in TEXT_TOKENIZER_DIR).
+        self.text_input = dict(text_input) if text_input is not None else None
+        spec = self.text_input_spec
+        text_tokenizer = kwargs.pop("text_tokenizer", None)
+        if spec is not None and spec.source == "encoder" and text_tokenizer is None:
+            raise ValueError("VlweaveProcessor: the connector reads text with its own encoder; give its tokenizer "
+                             "(text_tokenizer=...) or build the processor with from_model/from_config/from_pretrained")
+        self._text_tokenizer = text_tokenizer
+        super().__init__(tokenizer, chat_template=chat_template, **kwargs)
 
     # ---- construction --------------------------------------------------------------------------------------
     @classmethod
@@ -146,18 +177,21 @@ class VlweaveProcessor(ProcessorMixin):
         """The processor of a built :class:`~vlweave.modeling.VlweaveForConditionalGeneration` and its tokenizer."""
         cfg = model.config
         transforms = {n: transform_to_dict(tower_transform(model.tower_specs[n])) for n in model.needed_towers()}
+        text = model.connector.text_input()
         return cls(tokenizer, tower_transforms=transforms, num_image_tokens=model.num_image_tokens,
                    image_token_id=cfg.image_token_id, chat_template_name=cfg.chat_template_name,
-                   system_prompt=cfg.system_prompt, needed_towers=list(transforms))
+                   system_prompt=cfg.system_prompt, needed_towers=list(transforms),
+                   text_input=None if text is None else text.to_dict(), text_tokenizer=load_text_tokenizer(text))
 
     @classmethod
     def from_config(cls, config: VlweaveConfig, tokenizer: Any) -> "VlweaveProcessor":
         """The processor of a ``VlweaveConfig`` + tokenizer, without weights (checkpoints saved before processors)."""
-        needed, num_tokens = connector_facts(config)
+        needed, num_tokens, text = _connector_facts(config)
         transforms = {n: transform_to_dict(t) for n, t in image_transforms(config, needed).items()}
         return cls(tokenizer, tower_transforms=transforms, num_image_tokens=num_tokens,
                    image_token_id=config.image_token_id, chat_template_name=config.chat_template_name,
-                   system_prompt=config.system_prompt, needed_towers=needed)
+                   system_prompt=config.system_prompt, needed_towers=needed,
+                   text_input=None if text is None else text.to_dict(), text_tokenizer=load_text_tokenizer(text))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, tokenizer: Any = None,
@@ -173,15 +207,72 @@ class VlweaveProcessor(ProcessorMixin):
                                  f"not {VlweaveConfig.model_type!r}")
             return cls.from_config(VlweaveConfig.from_pretrained(folder),
                                    tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(folder))
-        if tokenizer is not None and (folder / PROCESSOR_CONFIG).exists():
+        saved_text = None
+        if (folder / PROCESSOR_CONFIG).exists():
+            saved_text = json.loads((folder / PROCESSOR_CONFIG).read_text()).get("text_input")
+        own_text = saved_text is not None and saved_text.get("source") == "encoder"
+        if (tokenizer is not None or own_text) and (folder / PROCESSOR_CONFIG).exists():
             saved = json.loads((folder / PROCESSOR_CONFIG).read_text())
             for key in ("processor_class", "auto_map"):
                 saved.pop(key, None)
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+            if own_text:
+                sub = folder / TEXT_TOKENIZER_DIR
+                if not sub.is_dir():
+                    raise FileNotFoundError(f"{folder}: the processor reads text with the connector's encoder but "
+                                            f"{TEXT_TOKENIZER_DIR}/ (its tokenizer) is missing")
+                text_tok = AutoTokenizer.from_pretrained(sub)
+                text_tok.truncation_side = "right"
+                saved["text_tokenizer"] = text_tok
             return cls(tokenizer, **saved)
         kwargs.pop("trust_remote_code", None)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
+        """HF's save (``processor_config.json`` + the tokenizer), plus the connector's text encoder tokenizer."""
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        if self._text_tokenizer is not None:
+            self._text_tokenizer.save_pretrained(Path(save_directory) / TEXT_TOKENIZER_DIR)
+        return out
+
     # ---- text ----------------------------------------------------------------------------------------------
+    @property
+    def text_input_spec(self) -> TextInput | None:
+        if self.text_input is None:
+            return None
+        own = self.text_input.get("source") == "encoder"  # its tokenizer is self._text_tokenizer (saved beside)
+        return TextInput(**{k: v for k, v in self.text_input.items() if k != "tokenizer_path"},
+                         tokenizer_path=TEXT_TOKENIZER_DIR if own else None)
+
+    @property
+    def text_tokenizer(self):
+        """The tokenizer the connector's text ids come from (its own encoder's, or the LM's); None: no text."""
+        spec = self.text_input_spec
+        if spec is None:
+            return None
+        return self._text_tokenizer if spec.source == "encoder" else self.tokenizer
+
+    def text_ids(self, texts: Sequence[Sequence[str]] | None,
+                 spec: TextInput | None = None) -> list[list[int]] | None:
+        """Per sample, the ids of its user-turn texts as the connector reads them (``context.text_input_ids``);
+        None when the connector reads no text.  ``spec`` overrides the saved one (the trainer asks the live
+        connector)."""
+        spec = spec if spec is not None else self.text_input_spec
+        if spec is None or texts is None:
+            return None
+        tok = self._text_tokenizer if spec.source == "encoder" else self.tokenizer
+        if tok is None:
+            raise ValueError("the connector reads text with its own encoder, but this processor has no tokenizer "
+                             "for it")
+        out = []
+        for sample in texts:
+            kwargs: dict[str, Any] = {"add_special_tokens": spec.add_special_tokens}
+            if spec.max_length is not None:
+                kwargs.update(truncation=True, max_length=spec.max_length)
+            out.append(list(tok(spec.format(list(sample)), **kwargs)["input_ids"]))
+        return out
+
     @property
     def pad_token_id(self) -> int:
         tok = self.tokenizer
@@ -243,7 +334,7 @@ class VlweaveProcessor(ProcessorMixin):
         present = [im for im in images if im is not None]
         if present and pixel_values:
             batch["pixel_values"] = self.pixel_values(present)
-        batch["context"] = VlweaveContext.for_batch(has_image, texts=texts)
+        batch["context"] = VlweaveContext.for_batch(has_image, texts=texts, text_input_ids=self.text_ids(texts))
         return batch
 
     def __call__(self, images: Any = None, text: Any = None, *, padding_side: str | None = None,
@@ -317,4 +408,5 @@ except ValueError:
     pass  # already registered (module reloaded)
 
 
-__all__ = ["VlweaveBatch", "VlweaveProcessor", "connector_facts", "transform_from_dict", "transform_to_dict"]
+__all__ = ["VlweaveBatch", "VlweaveProcessor", "connector_facts", "load_text_tokenizer", "transform_from_dict",
+           "transform_to_dict"]

@@ -2,6 +2,7 @@
 
 from vlweave.connectors import mlp  # noqa: F401  (registers identity, linear, mlpNx_gelu, dense_*)
 from vlweave.connectors import multi  # noqa: F401  (registers tower_concat)
+from vlweave.connectors import mova  # noqa: F401  (registers mova, the MoV-Adapter)
 from vlweave.connectors.base import (
     Connector,
     ConnectorOutput,

@@ -83,6 +83,38 @@ class ConnectorSpec:
         return self.grid * self.grid + keep_prefix
 
 
+@dataclass(frozen=True)
+class TextInput:
+    """How a context-aware connector wants each sample's user-turn texts as token ids (``context.text_input_ids``,
+    filled by the processor and the trainer): user turn ``i`` becomes ``template.format(i=i, text=...)``
+    (lower-cased when ``lowercase``), the turns are joined by ``separator`` and tokenized with the LM's tokenizer
+    (``source: language``) or the connector's own encoder's (``source: encoder``, loaded from ``tokenizer_path``
+    and saved with the processor), with or without special tokens, truncated on the right to ``max_length``."""
+
+    source: str = "language"  # "language" | "encoder"
+    tokenizer_path: str | None = None
+    template: str = "{text}"
+    separator: str = "\n"
+    lowercase: bool = False
+    max_length: int | None = None
+    add_special_tokens: bool = False
+
+    def __post_init__(self) -> None:
+        if self.source not in ("language", "encoder"):
+            raise ValueError(f"TextInput.source must be 'language' or 'encoder', got {self.source!r}")
+        if self.source == "encoder" and not self.tokenizer_path:
+            raise ValueError("TextInput(source='encoder') needs the encoder's tokenizer_path")
+
+    def format(self, texts: list[str]) -> str:
+        return self.separator.join(self.template.format(i=i, text=t.lower() if self.lowercase else t)
+                                   for i, t in enumerate(texts))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "template": self.template, "separator": self.separator,
+                "lowercase": self.lowercase, "max_length": self.max_length,
+                "add_special_tokens": self.add_special_tokens}
+
+
 @dataclass
 class ConnectorOutput:
     tokens: torch.Tensor  # [B, T, D_text]
@@ -123,6 +155,32 @@ class Connector(nn.Module):
     options_class: type | None = None
     # How the contract suite (tests/test_connector_contract.py) builds this connector: see :class:`ContractExample`.
     contract_examples: tuple["ContractExample", ...] = ()
+
+    def text_input(self) -> TextInput | None:
+        """The text this connector reads as token ids (:class:`TextInput`), or None.  Default: from the
+        ``text_encoder`` class attribute (None, or ``"language"``: the LM's tokenizer over the user texts joined by
+        newlines)."""
+        encoder = getattr(type(self), "text_encoder", None)
+        if encoder is None or not isinstance(encoder, str):
+            return None
+        if encoder != "language":
+            raise ValueError(f"connector text_encoder {encoder!r}: only 'language' (the LM's tokenizer) is supported "
+                             "as a class attribute; override text_input() for an encoder of its own")
+        return TextInput(source="language")
+
+    def load_pretrained(self) -> None:
+        """Load pretrained weights of parts the connector owns (e.g. MoVA's gate text encoder).  Called once by
+        :func:`vlweave.builder.build_model` on a fresh build (a reload gets them from the checkpoint)."""
+
+    def resolved_options(self) -> dict[str, Any]:
+        """Option values resolved from local files at build time (an encoder's config, ...) that the builder
+        writes into the model config, so that a saved checkpoint rebuilds without those files."""
+        return {}
+
+    def sub_components(self) -> dict[str, nn.Module]:
+        """Child modules a tune policy can set apart from the rest of the connector: ``{name: module}``, tune key
+        ``connector.<name>`` (it follows ``connector`` unless named)."""
+        return {}
 
     def feature_layers(self) -> list[int]:
         """Absolute indices of the base tower's hidden states this connector consumes."""

@@ -21,6 +21,7 @@ from vlweave.config import LoraConfig, StageConfig
 
 POLICIES = ("frozen", "full", "lora")
 VISION = "vision"  # tune key for every tower at once; ``vision.<name>`` overrides it for one tower
+CONNECTOR = "connector"  # ``connector.<name>`` (a connector's sub-component) follows it unless named itself
 
 
 def tune_keys(components: Iterable[str]) -> list[str]:
@@ -44,9 +45,12 @@ def resolve_tune(stage: StageConfig, components: Iterable[str]) -> dict[str, str
     for comp in comps:
         if comp.startswith(VISION + ".") and VISION in stage.tune:
             out[comp] = stage.tune[VISION]
+        # A connector's sub-component (MoVA's connector.text_encoder) follows the connector unless named.
+        if comp.startswith(CONNECTOR + ".") and CONNECTOR in stage.tune:
+            out[comp] = stage.tune[CONNECTOR]
     out.update({c: p for c, p in stage.tune.items() if c != VISION})
     for comp, policy in out.items():
-        if policy == "lora" and comp == "connector":
+        if policy == "lora" and (comp == CONNECTOR or comp.startswith(CONNECTOR + ".")):
             raise ValueError(f"stage {stage.name!r}: LoRA on the connector is not supported; use full or frozen")
         if policy == "lora" and comp != "language" and not comp.startswith(VISION + "."):
             raise ValueError(f"stage {stage.name!r}: LoRA on the LM-side module {comp!r} is not supported; use full "
@@ -62,7 +66,9 @@ def component_lr(stage: StageConfig, component: str) -> float:
         return float(table[component])
     if component.startswith(VISION + ".") and VISION in table:
         return float(table[VISION])
-    if component == "connector" and stage.connector_lr is not None:
+    if component.startswith(CONNECTOR + ".") and CONNECTOR in table:
+        return float(table[CONNECTOR])
+    if (component == CONNECTOR or component.startswith(CONNECTOR + ".")) and stage.connector_lr is not None:
         return float(stage.connector_lr)
     return float(stage.lr)
 

@@ -197,13 +197,9 @@ class Trainer:
         return batch
 
     def text_ids(self, texts: list[list[str]]) -> list[list[int]] | None:
-        """Token ids of each sample's user texts for a connector that declares a text encoder (else None)."""
-        encoder = getattr(self.model.connector, "text_encoder", None)
-        if encoder is None:
-            return None
-        if encoder != "language":
-            raise ValueError(f"connector text_encoder {encoder!r}: only 'language' (the LM's tokenizer) is supported")
-        return [self.tokenizer("\n".join(t), add_special_tokens=False)["input_ids"] for t in texts]
+        """Token ids of each sample's user texts for a connector that reads text (else None): the processor's
+        tokenization of what the live connector asks for (:meth:`Connector.text_input`)."""
+        return self.processor.text_ids(texts, self.model.connector.text_input())
 
     @property
     def trained_names(self) -> set[str]:
