@@ -1,4 +1,4 @@
-"""``vlweave demo | train | eval | chat | assets`` — the command line.
+"""``vlweave demo | train | eval | chat | serve | export | assets`` — the command line.
 
 Errors a user can fix (bad config, bad data record, missing file) are printed as one clear line, not a traceback.
 """
@@ -142,6 +142,33 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from vlweave.builder import load_checkpoint, load_processor
+    from vlweave.serve.protocol import ServeLimits
+    from vlweave.serve.server import Engine, run_server
+
+    limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
+                         max_image_pixels=args.max_image_pixels, max_images=args.max_images,
+                         max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                         default_max_tokens=min(args.default_max_tokens, args.max_tokens),
+                         allowed_image_dirs=list(args.allow_image_dir), allow_remote_images=args.allow_remote_images)
+    for folder in limits.allowed_image_dirs:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"--allow-image-dir {folder}: not a folder")
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    engine = Engine(model, load_processor(args.checkpoint, tokenizer),
+                    model_name=args.model_name or Path(args.checkpoint).resolve().name, limits=limits,
+                    max_batch=args.max_batch, window_s=args.batch_window_ms / 1000.0,
+                    feature_cache_images=args.feature_cache_images, default_temperature=args.default_temperature)
+    api_key = args.api_key or os.environ.get("VLWEAVE_API_KEY") or None
+    print(f"serving {engine.model_name!r} on http://{args.host}:{args.port}/v1 "
+          f"({'API key required' if api_key else 'no API key'})", file=sys.stderr)
+    run_server(engine, host=args.host, port=args.port, api_key=api_key)
+    return 0
+
+
 def _benchmark_names() -> list[str]:
     from vlweave.eval.benchmarks.registry import SCORERS
 
@@ -233,6 +260,36 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompt")
     c.add_argument("--max-new-tokens", type=int, default=128)
     c.set_defaults(func=_cmd_chat)
+
+    from vlweave.serve.protocol import ServeLimits  # the flags' defaults are the library's
+
+    limits = ServeLimits()
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)")
+    s.add_argument("checkpoint")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $VLWEAVE_API_KEY; none if unset)")
+    s.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
+    s.add_argument("--max-batch", type=int, default=8, help="most requests in one generate call (default 8)")
+    s.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="how long the first request of a batch waits for others (default 10)")
+    s.add_argument("--feature-cache-images", type=int, default=256,
+                   help="images whose tower features are kept for reuse (0: off; default 256)")
+    s.add_argument("--default-temperature", type=float, default=0.0,
+                   help="temperature of requests that give none (default 0 = greedy, as vlweave chat)")
+    s.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes)
+    s.add_argument("--max-image-bytes", type=int, default=limits.max_image_bytes)
+    s.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels)
+    s.add_argument("--max-images", type=int, default=limits.max_images, choices=(0, 1),
+                   help="images per request (vlweave models read one per conversation; 0: text only)")
+    s.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="default: the LM's context minus the request's max_tokens")
+    s.add_argument("--max-tokens", type=int, default=limits.max_tokens, help="largest max_tokens a request may ask")
+    s.add_argument("--default-max-tokens", type=int, default=limits.default_max_tokens)
+    s.add_argument("--allow-image-dir", action="append", default=[], metavar="FOLDER",
+                   help="allow image_url parts naming local files under FOLDER (repeatable; default: none)")
+    s.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (default: refused)")
+    s.set_defaults(func=_cmd_serve)
     return p
 
 
