@@ -169,6 +169,58 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_folder(path: str) -> Path:
+    """A checkpoint folder as given, or a run folder's ``final/``."""
+    p = Path(path)
+    if not (p / "config.json").exists() and (p / "final" / "config.json").exists():
+        return p / "final"
+    return p
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from vlweave.export.card import write_model_card
+
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"{out}: exists and is not empty (pass --overwrite to write into it)")
+    if args.merge:
+        if args.format not in (None, "native"):
+            raise ValueError("--merge writes a native checkpoint; drop --format")
+        from vlweave.export.adapter import merge_adapter
+
+        folder = merge_adapter(args.checkpoint, out, base=args.base)
+        print(json.dumps({"merged": str(folder)}, indent=2))
+        return 0
+    if args.base:
+        raise ValueError("--base goes with --merge")
+    fmt = args.format or "native"
+    if fmt == "adapter":
+        from vlweave.export.adapter import export_adapter
+
+        meta = export_adapter(args.checkpoint, out)
+        print(json.dumps({"adapter": str(out), **{k: meta[k] for k in ("checkpoint", "step", "lora_targets",
+                                                                      "modules_to_save")}}, indent=2))
+        return 0
+    from vlweave.builder import load_checkpoint, load_processor, save_checkpoint
+
+    folder = _checkpoint_folder(args.checkpoint)
+    model, tokenizer = load_checkpoint(folder)
+    processor = load_processor(folder, tokenizer)
+    if fmt == "native":
+        save_checkpoint(model, tokenizer, out, processor=processor)
+        write_model_card(model.config, out, title=folder.name)
+        print(json.dumps({"native": str(out)}, indent=2))
+        return 0
+    from vlweave.export.llava import LLAVA_USAGE, example_prompt, export_llava
+
+    diffs = export_llava(model, processor, out)
+    prompt = example_prompt(processor)
+    usage = LLAVA_USAGE + f"\n\nPROMPT, in this model's chat template:\n\n```\n{prompt}\n```"
+    write_model_card(model.config, out, title=f"{folder.name} (HF llava)", extra=usage, source=folder)
+    print(json.dumps({"llava": str(out), "max_abs_diff": diffs}, indent=2))
+    return 0
+
+
 def _benchmark_names() -> list[str]:
     from vlweave.eval.benchmarks.registry import SCORERS
 
@@ -290,6 +342,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow image_url parts naming local files under FOLDER (repeatable; default: none)")
     s.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (default: refused)")
     s.set_defaults(func=_cmd_serve)
+
+    x = sub.add_parser("export", help="write a checkpoint as HF llava, a LoRA adapter (peft), or merge an adapter",
+                       description="vlweave export CHECKPOINT --format llava OUT: an HF LlavaForConditionalGeneration "
+                                   "checkpoint + processor (projector connectors on one tower only; others are "
+                                   "refused with the reason). --format adapter: a LoRA run's adapter-only folder "
+                                   "(peft). --merge: fold an adapter folder into its base. --format native (default): "
+                                   "re-save with a refreshed model card.")
+    x.add_argument("checkpoint", help="a checkpoint or run folder (an adapter folder with --merge)")
+    x.add_argument("output", help="the folder to write")
+    x.add_argument("--format", choices=("native", "llava", "adapter"))
+    x.add_argument("--merge", action="store_true", help="CHECKPOINT is an adapter folder: merge it into its base")
+    x.add_argument("--base", help="with --merge: the base checkpoint (default: rebuilt from the adapter's run config)")
+    x.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+    x.set_defaults(func=_cmd_export)
     return p
 
 
