@@ -229,9 +229,21 @@ def test_bad_requests_are_clear_4xx(live, checkpoint):
     status, e = error_of(lambda: c.chat.completions.create(model="gpt-4", messages=user("hi")))
     assert status == 404 and e["code"] == "model_not_found"
     # Not JSON at all, and a JSON array (raw bodies, so not through the client).
-    for raw in (b"{not json", b"[1, 2]", b'{"messages": "hi"}'):
+    hi = '[{"role": "user", "content": "hi"}]'
+    odd = [b"{not json", b"[1, 2]", b'{"messages": "hi"}', b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000,
+           b'{"messages": [null]}', b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}',
+           b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}]}',
+           b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": '
+           b'"data:image/png;base64,"}}]}]}',
+           b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "file:///etc/passwd"}]}]}',
+           b'{"messages": [{"role": "user", "content": null}]}', b'{"messages": []}', b"{}", b"null", b'"x"']
+    odd += [f'{{"messages": {hi}, {field}}}'.encode() for field in (
+        '"max_tokens": true', '"max_tokens": 2.5', '"stop": [1]', '"stop": ["a", "b", "c", "d", "e"]',
+        '"stream": "yes"', '"model": 5', '"n": 3', '"top_p": 7', '"tools": [{"type": "function"}]',
+        '"response_format": {"type": "json_schema"}')]
+    for raw in odd:
         status, body = raw_post(live.url + "/v1/chat/completions", raw)
-        assert status == 400 and set(body["error"]) >= {"message", "type", "code"}, body
+        assert 400 <= status < 500 and set(body["error"]) >= {"message", "type", "code"}, (raw[:80], body)
     assert c.models.list().data[0].id == "tiny"
 
 

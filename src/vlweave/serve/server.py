@@ -136,7 +136,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         raw = await _read_body(request, engine.limits.max_body_bytes)
         try:
             body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
         # Image decoding and tokenization are CPU work: off the event loop.
         req = await run_in_threadpool(parse_chat_request, body, engine.limits, engine.default_temperature)
