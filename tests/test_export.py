@@ -184,6 +184,12 @@ def test_lora_adapter_export_and_merge_equal_the_merged_run(tmp_path, capsys):
         la, lb = a(**batch).logits, b(**batch).logits
     assert float((la - lb).abs().max()) < 1e-5
     assert not any("lora_" in n for n, _ in b.named_parameters())
+    card = (run / "final" / "README.md").read_text()
+    assert "- steps: 5" in card and "clip_vision_model" in card and "lora" in card
+    # `vlweave eval` into the checkpoint folder puts its accuracy on the card.
+    assert main(["eval", str(run / "final"), "--data", cfg.eval.data, "--limit", "2", "--max-new-tokens", "2"]) == 0
+    report = json.loads((run / "final" / "eval" / "eval_metrics.json").read_text())
+    assert f"accuracy {report['accuracy']:.4f}" in (run / "final" / "README.md").read_text()
     # A run without LoRA has no adapter to export.
     cfg2 = make_run(tmp_path / "full", vision="clip", stages=[align_stage(max_steps=1)])
     Trainer(cfg2, progress=False).train()
@@ -215,3 +221,10 @@ def test_vlweave_processor_round_trip_unchanged(tmp_path):
     ckpt = save_checkpoint(model, tok, tmp_path / "ckpt")
     assert isinstance(VlweaveProcessor.from_pretrained(ckpt), VlweaveProcessor)
     assert isinstance(VlweaveForConditionalGeneration.from_pretrained(ckpt), VlweaveForConditionalGeneration)
+    # `vlweave export` (native) re-saves an equal model with a card.
+    out = tmp_path / "native"
+    assert main(["export", str(ckpt), str(out)]) == 0
+    a, b = load_checkpoint(ckpt)[0], load_checkpoint(out)[0]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert (out / "README.md").is_file()
+    assert main(["export", str(ckpt), str(out)]) == 2  # a non-empty OUT needs --overwrite

@@ -305,3 +305,29 @@ def test_fifty_concurrent_requests_with_malformed(live, checkpoint, chat_answer)
     with urllib.request.urlopen(live.url + "/health", timeout=10) as r:
         assert json.loads(r.read()) == {"status": "ok", "model": "tiny"}
     assert live.thread.is_alive() and live.engine.batcher.alive
+
+
+def test_a_failing_batch_fails_only_its_culprit(monkeypatch):
+    """The worker retries a failed batch request by request: only the request that breaks generation gets the
+    error, and the worker lives on."""
+    import vlweave.serve.batcher as batcher_mod
+    from vlweave.serve.generation import Completion, Prompt
+
+    calls = []
+
+    def fake_generate(model, processor, prompts, features=None):
+        calls.append(len(prompts))
+        if any(p.input_ids == [666] for p in prompts):
+            raise RuntimeError("boom")
+        return [Completion(text=str(p.input_ids[0]), finish_reason="stop", prompt_tokens=1, completion_tokens=1)
+                for p in prompts]
+
+    monkeypatch.setattr(batcher_mod, "generate_batch", fake_generate)
+    b = batcher_mod.Batcher(None, None, max_batch=8, window_s=0.3)
+    futures = [b.submit(Prompt(input_ids=[i])) for i in (1, 666, 3)]
+    assert futures[0].result(timeout=10).text == "1" and futures[2].result(timeout=10).text == "3"
+    with pytest.raises(RuntimeError, match="boom"):
+        futures[1].result(timeout=10)
+    assert calls[0] == 3 and calls[1:] == [1, 1, 1] and b.alive
+    assert b.submit(Prompt(input_ids=[7])).result(timeout=10).text == "7"
+    b.close()

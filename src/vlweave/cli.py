@@ -87,9 +87,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                       max_new_tokens=max_new_tokens, prompt_suffix=args.prompt_suffix, bf16=args.bf16,
                       processor=processor)
     report.pop("answers")
+    _refresh_card(args.checkpoint, out_dir)
     print(json.dumps(report, indent=2))
     print(f"predictions: {Path(out_dir) / 'predictions.jsonl'}", file=sys.stderr)
     return 0
+
+
+def _refresh_card(checkpoint: str, out_dir: str | Path) -> None:
+    """Results written inside the checkpoint folder go into its model card."""
+    from vlweave.export.card import refresh_model_card
+
+    if Path(out_dir).resolve().is_relative_to(Path(checkpoint).resolve()):
+        refresh_model_card(checkpoint)
 
 
 def _cmd_eval_benchmark(args: argparse.Namespace) -> int:
@@ -112,6 +121,7 @@ def _cmd_eval_benchmark(args: argparse.Namespace) -> int:
     report = run_benchmark(model, tokenizer, inputs, out_dir=out_dir, parser=args.parser,
                            checkpoint=str(args.checkpoint), batch_size=args.batch_size,
                            max_new_tokens=max_new_tokens, bf16=args.bf16, processor=processor)
+    _refresh_card(args.checkpoint, out_dir)
     print(json.dumps({k: v for k, v in report.items() if k != "model"}, indent=2, default=str))
     if not report["scored"]:
         print(f"not scored: {report['unscored_reason']}", file=sys.stderr)

@@ -148,4 +148,16 @@ def write_model_card(config, folder: str | Path, *, title: str | None = None, ex
     return path
 
 
-__all__ = ["CARD", "model_card", "write_model_card"]
+def refresh_model_card(folder: str | Path) -> Path | None:
+    """Rewrite a native checkpoint's card from its ``config.json`` (after evaluation results appeared beside it);
+    None for a folder that is not a vlweave checkpoint."""
+    folder = Path(folder)
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file() or json.loads(cfg_file.read_text()).get("model_type") != "vlweave":
+        return None
+    from vlweave.modeling import VlweaveConfig
+
+    return write_model_card(VlweaveConfig.from_pretrained(folder), folder)
+
+
+__all__ = ["CARD", "model_card", "refresh_model_card", "write_model_card"]

@@ -25,6 +25,16 @@ log = logging.getLogger("vlweave.serve")
 class _Job:
     prompt: Prompt
     future: Future = field(default_factory=Future)
+    streamed: bool = False  # text already went out: a retry would send it twice
+
+    def __post_init__(self) -> None:
+        callback = self.prompt.on_text
+        if callback is not None:
+            def on_text(text: str) -> None:
+                self.streamed = True
+                callback(text)
+
+            self.prompt.on_text = on_text
 
 
 class Batcher:
@@ -82,7 +92,10 @@ class Batcher:
             except Exception:  # noqa: BLE001 -- isolate the failing request(s) below
                 log.exception("batch of %d failed; retrying one by one", len(jobs))
                 for j in jobs:
-                    self._one(j)
+                    if j.streamed:
+                        j.future.set_exception(RuntimeError("generation failed mid-stream"))
+                    else:
+                        self._one(j)
                 continue
             for j, r in zip(jobs, results):
                 j.future.set_result(r)
