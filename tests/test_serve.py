@@ -139,6 +139,11 @@ def test_plain_request_equals_chat(live, checkpoint, chat_answer, capsys):
     # Text only, and a string content.
     resp = ask(live.client(), [{"role": "user", "content": "Describe the image."}])
     assert resp.choices[0].message.content == chat_answer(None, "Describe the image.")
+    # Sampling runs (its own generate group); top_p=0 leaves only the top token, i.e. greedy.
+    sampled = ask(live.client(), user("What color?", images[0]), temperature=1.0, top_p=0.9)
+    assert sampled.usage.completion_tokens >= 1 and isinstance(sampled.choices[0].message.content, str)
+    greedy = ask(live.client(), user("What color?", images[0]), temperature=0.7, top_p=0)
+    assert greedy.choices[0].message.content == text
     models = live.client().models.list()
     assert [m.id for m in models.data] == ["tiny"]
 

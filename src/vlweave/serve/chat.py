@@ -68,8 +68,7 @@ class ChatSession:
                                            sample_id="chat")
         prompt = Prompt(input_ids=ids, image=self.image, texts=user_texts(self.turns),
                         max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=top_p,
-                        stop=list(stop or []), video=self.pixel_values_videos,
-                        num_visual_tokens=self.num_visual_tokens)
+                        stop=list(stop or []), video=self.pixel_values_videos)
         (completion,) = generate_batch(self.model, self.processor, [prompt])
         answer = completion.text
         self.turns.append({"from": "gpt", "value": answer})

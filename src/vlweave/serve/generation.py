@@ -48,7 +48,6 @@ class Prompt:
     stop: list[str] = field(default_factory=list)
     on_text: TokenCallback | None = None
     video: torch.Tensor | None = None  # [1, T, 3, H, W] frames (chat only; a video prompt is generated alone)
-    num_visual_tokens: int | None = None  # set for a video (frames x pooled tokens)
 
     def sampling_key(self) -> tuple[bool, float, float]:
         """Prompts with equal keys can share a ``generate`` call."""
@@ -115,10 +114,9 @@ class FeatureLRU:
 class _RowStops(StoppingCriteria):
     """Per-row end of generation + per-step text callbacks (see the module docstring)."""
 
-    def __init__(self, tokenizer, prompts: Sequence[Prompt], prompt_len: int, eos_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer, prompts: Sequence[Prompt], eos_ids: Sequence[int]) -> None:
         self.tokenizer = tokenizer
         self.prompts = list(prompts)
-        self.prompt_len = prompt_len
         self.eos = set(int(i) for i in eos_ids)
         self.tokens: list[list[int]] = [[] for _ in prompts]
         self.done = [False] * len(prompts)
@@ -206,7 +204,7 @@ def _generate_group(model, processor: VlweaveProcessor, prompts: Sequence[Prompt
         kwargs.update(do_sample=False)
     eos = stop_token_ids(tokenizer)
     ids = batch["input_ids"]
-    stops = _RowStops(tokenizer, prompts, ids.shape[1], eos)
+    stops = _RowStops(tokenizer, prompts, eos)
     model.generate(ids.to(device), attention_mask=batch["attention_mask"].to(device),
                    max_new_tokens=max(p.max_new_tokens for p in prompts), eos_token_id=eos,
                    pad_token_id=processor.pad_token_id, stopping_criteria=StoppingCriteriaList([stops]), **kwargs)
