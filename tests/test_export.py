@@ -49,6 +49,7 @@ LLAVA_CASES = {
     "clip-identity": dict(vision="clip", connector="identity", wide=True),
     "dinov2-dense_sci": dict(vision="dinov2", connector="dense_sci", layers=6,
                              options={"layers": [2, 4], "final_first": False}),
+    "clip-linear-standardize": dict(vision="clip", connector="linear", options={"standardize": True}),
 }
 
 
@@ -59,6 +60,9 @@ def test_llava_export_same_logits_and_tokens(tmp_path, case):
     with torch.no_grad():  # a random (not zero-initialised) connector and LM, so differences would show
         for p in model.connector.parameters():
             p.normal_(0, 0.2)
+        if getattr(model.connector, "standardize", False):  # measured statistics, not the identity defaults
+            model.connector.feature_mean.normal_(0, 1)
+            model.connector.feature_std.uniform_(0.5, 2.0)
     ckpt = save_checkpoint(model, tok, tmp_path / "ckpt")
     out = tmp_path / "llava"
     assert main(["export", str(ckpt), "--format", "llava", str(out)]) == 0

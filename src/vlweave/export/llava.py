@@ -10,8 +10,8 @@ linear_2``.  A vlweave model is expressible exactly when its connector is that c
 * the fusion is a plain channel concatenation of an ordered layer list -- a single layer, a ``select_layer`` list,
   or Dense Connector SCI (final + extra layers, in ``final_first`` order) -- without ``pool``;
 * the head is ``mlp2x_gelu`` (``linear_1``, GELU, ``linear_2``), ``linear`` (``linear_1``; ``act = "linear"`` and an
-  identity ``linear_2``) or ``identity`` (both identity matrices), without ``input_norm``, ``standardize`` or
-  ``efficient_grid``;
+  identity ``linear_2``) or ``identity`` (both identity matrices), without ``input_norm`` or ``efficient_grid``;
+  ``standardize`` (a per-channel affine map) is folded into ``linear_1``;
 * no LM-side modules.
 
 Multiplying by an identity matrix and adding a zero bias is exact in floating point, so ``linear`` and
@@ -90,9 +90,8 @@ def llava_problems(model) -> list[str]:
     if fusion.pool != 1:
         problems.append(f"pool={fusion.pool} average-pools the patch grid; llava does not pool")
     opts = conn.options
-    for name in ("input_norm", "standardize"):
-        if getattr(opts, name, False):
-            problems.append(f"{name} has no llava counterpart")
+    if getattr(opts, "input_norm", False):
+        problems.append("input_norm (a LayerNorm before the projector) has no llava counterpart")
     if getattr(opts, "efficient_grid", None):
         problems.append("efficient_grid (Efficient-DC resizing) has no llava counterpart")
     depth = _depth(conn)
@@ -167,6 +166,12 @@ def build_llava(model) -> LlavaForConditionalGeneration:
         linears = [(linears[0].weight, linears[0].bias), (eye, torch.zeros(d_out))]
     else:
         linears = [(m.weight, m.bias) for m in linears]
+    if getattr(conn, "standardize", False):
+        # (x - mean) / std followed by W x + b is the linear map (W / std) x + (b - (W / std) mean): folded into
+        # linear_1 (exact algebra; the self-check below bounds the rounding).
+        w, b = linears[0]
+        w = w.detach().double() / conn.feature_std.double()
+        linears[0] = (w.float(), (b.detach().double() - w @ conn.feature_mean.double()).float())
     for i, (w, b) in enumerate(linears, start=1):
         state[f"model.multi_modal_projector.linear_{i}.weight"] = w.detach()
         state[f"model.multi_modal_projector.linear_{i}.bias"] = b.detach()
