@@ -336,3 +336,24 @@ def test_a_failing_batch_fails_only_its_culprit(monkeypatch):
     assert calls[0] == 3 and calls[1:] == [1, 1, 1] and b.alive
     assert b.submit(Prompt(input_ids=[7])).result(timeout=10).text == "7"
     b.close()
+
+
+def test_serve_command_builds_the_engine_from_its_flags(checkpoint, monkeypatch, capsys, tmp_path):
+    import vlweave.serve.server as server_mod
+
+    seen = {}
+    monkeypatch.setattr(server_mod, "run_server", lambda engine, **kw: seen.update(engine=engine, **kw))
+    monkeypatch.setenv("VLWEAVE_API_KEY", "from-env")
+    folder, images = checkpoint
+    assert main(["serve", str(folder), "--port", "9", "--max-batch", "3", "--max-tokens", "20",
+                 "--max-image-pixels", "1000", "--allow-image-dir", str(images[0].parent)]) == 0
+    engine = seen["engine"]
+    try:
+        assert seen["port"] == 9 and seen["api_key"] == "from-env" and engine.model_name == "ckpt"
+        assert engine.batcher.max_batch == 3 and engine.limits.max_tokens == 20
+        assert engine.limits.max_image_pixels == 1000 and engine.limits.default_max_tokens == 20
+        assert engine.limits.allowed_image_dirs == [str(images[0].parent)]
+    finally:
+        engine.batcher.close()
+    assert main(["serve", str(folder), "--allow-image-dir", str(tmp_path / "nope")]) == 2
+    assert "not a folder" in capsys.readouterr().err

@@ -20,6 +20,7 @@ assets or hub ids by the run config (``builder.build_model``, seeded like the tr
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
@@ -48,7 +49,10 @@ def latest_training_checkpoint(path: str | Path) -> Path:
 
 
 def _base(cfg: RunConfig):
-    """The model the run started from, built exactly as the trainer built it (same seeds, same order)."""
+    """The model the run started from, built exactly as the trainer built it (same seeds, same order) -- in full
+    precision: a QLoRA run's adapter is exported and merged onto the unquantized LM, as QLoRA adapters are."""
+    cfg = copy.deepcopy(cfg)
+    cfg.language.load_in_4bit = False
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
