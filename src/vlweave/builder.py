@@ -86,9 +86,49 @@ def extra_tower_entry(vision: VisionConfig, tower: PreTrainedModel) -> dict:
             "vision_feature_select_strategy": vision.select_strategy}
 
 
+def check_quantization(cfg: RunConfig, *, cuda: bool | None = None, bnb: bool | None = None) -> None:
+    """Refuse ``language.load_in_4bit`` where it cannot work, naming the fix: it needs CUDA and bitsandbytes, a
+    pretrained LM (not ``random_init``), and stages that train the LM through LoRA only (4-bit weights take no
+    gradient steps)."""
+    if not cfg.language.load_in_4bit:
+        return
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if bnb is None:
+        import importlib.util
+
+        bnb = importlib.util.find_spec("bitsandbytes") is not None
+    if not cuda:
+        raise ValueError("language.load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels do not run "
+                         "on this machine's CPU; set language.load_in_4bit=false")
+    if not bnb:
+        raise ValueError("language.load_in_4bit (QLoRA) needs bitsandbytes: pip install 'vlweave[qlora]'")
+    if cfg.language.random_init:
+        raise ValueError("language.load_in_4bit quantizes pretrained weights; it cannot go with language.random_init")
+    full = [s.name for s in cfg.train.stages if s.tune.get("language") == "full"]
+    if full:
+        raise ValueError(f"language.load_in_4bit: stage(s) {full} train the LM fully; a 4-bit LM trains through "
+                         "LoRA only (tune.language: lora)")
+
+
+def _load_lm(language: LanguageConfig) -> PreTrainedModel:
+    path = assets.resolve(language.name)
+    if not language.load_in_4bit:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    lm = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": 0},
+                                              dtype=torch.bfloat16)
+    return prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
+
+
 def build_model(cfg: RunConfig) -> tuple[VlweaveForConditionalGeneration, PreTrainedTokenizerBase]:
     """Assemble towers + connector + LM as the run config says; returns the model and its tokenizer."""
     vision, language = cfg.vision, cfg.language
+    check_quantization(cfg)
     if BASE_TOWER in cfg.towers:
         raise ValueError(f"towers.{BASE_TOWER}: the base tower is `vision`; name the extra towers otherwise")
     tcfg = _auto_config(language.name, language.random_init, language.config_overrides)
@@ -98,7 +138,7 @@ def build_model(cfg: RunConfig) -> tuple[VlweaveForConditionalGeneration, PreTra
     if language.random_init:
         lm = AutoModelForCausalLM.from_config(tcfg)
     else:
-        lm = AutoModelForCausalLM.from_pretrained(assets.resolve(language.name), dtype=torch.float32)
+        lm = _load_lm(language)
     tokenizer = load_tokenizer(language)
     image_token_id = add_image_token(tokenizer)
     if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
@@ -135,8 +175,8 @@ def build_model(cfg: RunConfig) -> tuple[VlweaveForConditionalGeneration, PreTra
 
 def save_checkpoint(model: VlweaveForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, folder: str | Path,
                     processor: VlweaveProcessor | None = None) -> Path:
-    """Model weights + config, and the processor (``processor_config.json`` and the tokenizer files): the
-    processor made from the model and tokenizer unless one is given."""
+    """Model weights + config, the processor (``processor_config.json`` and the tokenizer files; made from the
+    model and tokenizer unless one is given) and a model card (``README.md``, :mod:`vlweave.export.card`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
@@ -145,6 +185,9 @@ def save_checkpoint(model: VlweaveForConditionalGeneration, tokenizer: PreTraine
     elif processor.tokenizer is not tokenizer:
         raise ValueError("save_checkpoint: the processor holds a different tokenizer from the one given")
     processor.save_pretrained(folder)  # writes the tokenizer too
+    from vlweave.export.card import write_model_card  # lazy: the card module reads run folders, not models
+
+    write_model_card(model.config, folder)
     return folder
 
 

@@ -1,4 +1,4 @@
-"""``vlweave demo | train | eval | chat | assets | compare | convert`` — the command line.
+"""``vlweave demo | train | eval | chat | serve | export | assets | compare | convert`` — the command line.
 
 Errors a user can fix (bad config, bad data record, missing file) are printed as one clear line, not a traceback.
 """
@@ -113,9 +113,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                       max_new_tokens=max_new_tokens, prompt_suffix=args.prompt_suffix, bf16=args.bf16,
                       processor=processor)
     report.pop("answers")
+    _refresh_card(args.checkpoint, out_dir)
     print(json.dumps(report, indent=2))
     print(f"predictions: {Path(out_dir) / 'predictions.jsonl'}", file=sys.stderr)
     return 0
+
+
+def _refresh_card(checkpoint: str, out_dir: str | Path) -> None:
+    """Results written inside the checkpoint folder go into its model card."""
+    from vlweave.export.card import refresh_model_card
+
+    if Path(out_dir).resolve().is_relative_to(Path(checkpoint).resolve()):
+        refresh_model_card(checkpoint)
 
 
 def _cmd_eval_benchmark(args: argparse.Namespace) -> int:
@@ -138,6 +147,7 @@ def _cmd_eval_benchmark(args: argparse.Namespace) -> int:
     report = run_benchmark(model, tokenizer, inputs, out_dir=out_dir, parser=args.parser,
                            checkpoint=str(args.checkpoint), batch_size=args.batch_size,
                            max_new_tokens=max_new_tokens, bf16=args.bf16, processor=processor)
+    _refresh_card(args.checkpoint, out_dir)
     print(json.dumps({k: v for k, v in report.items() if k != "model"}, indent=2, default=str))
     if not report["scored"]:
         print(f"not scored: {report['unscored_reason']}", file=sys.stderr)
@@ -180,6 +190,85 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     print(conv.report())
     print(f"wrote {args.out} ({len(conv.tensors)} tensors as connector.*); skipped list: "
           f"{Path(args.out).with_suffix('.skipped.json')}", file=sys.stderr)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from vlweave.builder import load_checkpoint, load_processor
+    from vlweave.serve.protocol import ServeLimits
+    from vlweave.serve.server import Engine, run_server
+
+    limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
+                         max_image_pixels=args.max_image_pixels, max_images=args.max_images,
+                         max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                         default_max_tokens=min(args.default_max_tokens, args.max_tokens),
+                         allowed_image_dirs=list(args.allow_image_dir), allow_remote_images=args.allow_remote_images)
+    for folder in limits.allowed_image_dirs:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"--allow-image-dir {folder}: not a folder")
+    model, tokenizer = load_checkpoint(args.checkpoint)
+    engine = Engine(model, load_processor(args.checkpoint, tokenizer),
+                    model_name=args.model_name or Path(args.checkpoint).resolve().name, limits=limits,
+                    max_batch=args.max_batch, window_s=args.batch_window_ms / 1000.0,
+                    feature_cache_images=args.feature_cache_images, default_temperature=args.default_temperature)
+    api_key = args.api_key or os.environ.get("VLWEAVE_API_KEY") or None
+    print(f"serving {engine.model_name!r} on http://{args.host}:{args.port}/v1 "
+          f"({'API key required' if api_key else 'no API key'})", file=sys.stderr)
+    run_server(engine, host=args.host, port=args.port, api_key=api_key)
+    return 0
+
+
+def _checkpoint_folder(path: str) -> Path:
+    """A checkpoint folder as given, or a run folder's ``final/``."""
+    p = Path(path)
+    if not (p / "config.json").exists() and (p / "final" / "config.json").exists():
+        return p / "final"
+    return p
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from vlweave.export.card import write_model_card
+
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"{out}: exists and is not empty (pass --overwrite to write into it)")
+    if args.merge:
+        if args.format not in (None, "native"):
+            raise ValueError("--merge writes a native checkpoint; drop --format")
+        from vlweave.export.adapter import merge_adapter
+
+        folder = merge_adapter(args.checkpoint, out, base=args.base)
+        print(json.dumps({"merged": str(folder)}, indent=2))
+        return 0
+    if args.base:
+        raise ValueError("--base goes with --merge")
+    fmt = args.format or "native"
+    if fmt == "adapter":
+        from vlweave.export.adapter import export_adapter
+
+        meta = export_adapter(args.checkpoint, out)
+        print(json.dumps({"adapter": str(out), **{k: meta[k] for k in ("checkpoint", "step", "lora_targets",
+                                                                      "modules_to_save")}}, indent=2))
+        return 0
+    from vlweave.builder import load_checkpoint, load_processor, save_checkpoint
+
+    folder = _checkpoint_folder(args.checkpoint)
+    model, tokenizer = load_checkpoint(folder)
+    processor = load_processor(folder, tokenizer)
+    if fmt == "native":
+        save_checkpoint(model, tokenizer, out, processor=processor)
+        write_model_card(model.config, out, title=folder.name)
+        print(json.dumps({"native": str(out)}, indent=2))
+        return 0
+    from vlweave.export.llava import LLAVA_USAGE, example_prompt, export_llava
+
+    diffs = export_llava(model, processor, out)
+    prompt = example_prompt(processor)
+    usage = LLAVA_USAGE + f"\n\nPROMPT, in this model's chat template:\n\n```\n{prompt}\n```"
+    write_model_card(model.config, out, title=f"{folder.name} (HF llava)", extra=usage, source=folder)
+    print(json.dumps({"llava": str(out), "max_abs_diff": diffs}, indent=2))
     return 0
 
 
@@ -282,6 +371,50 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompt")
     c.add_argument("--max-new-tokens", type=int, default=128)
     c.set_defaults(func=_cmd_chat)
+
+    from vlweave.serve.protocol import ServeLimits  # the flags' defaults are the library's
+
+    limits = ServeLimits()
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models, /health)")
+    s.add_argument("checkpoint")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $VLWEAVE_API_KEY; none if unset)")
+    s.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
+    s.add_argument("--max-batch", type=int, default=8, help="most requests in one generate call (default 8)")
+    s.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="how long the first request of a batch waits for others (default 10)")
+    s.add_argument("--feature-cache-images", type=int, default=256,
+                   help="images whose tower features are kept for reuse (0: off; default 256)")
+    s.add_argument("--default-temperature", type=float, default=0.0,
+                   help="temperature of requests that give none (default 0 = greedy, as vlweave chat)")
+    s.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes)
+    s.add_argument("--max-image-bytes", type=int, default=limits.max_image_bytes)
+    s.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels)
+    s.add_argument("--max-images", type=int, default=limits.max_images, choices=(0, 1),
+                   help="images per request (vlweave models read one per conversation; 0: text only)")
+    s.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="default: the LM's context minus the request's max_tokens")
+    s.add_argument("--max-tokens", type=int, default=limits.max_tokens, help="largest max_tokens a request may ask")
+    s.add_argument("--default-max-tokens", type=int, default=limits.default_max_tokens)
+    s.add_argument("--allow-image-dir", action="append", default=[], metavar="FOLDER",
+                   help="allow image_url parts naming local files under FOLDER (repeatable; default: none)")
+    s.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (default: refused)")
+    s.set_defaults(func=_cmd_serve)
+
+    x = sub.add_parser("export", help="write a checkpoint as HF llava, a LoRA adapter (peft), or merge an adapter",
+                       description="vlweave export CHECKPOINT --format llava OUT: an HF LlavaForConditionalGeneration "
+                                   "checkpoint + processor (projector connectors on one tower only; others are "
+                                   "refused with the reason). --format adapter: a LoRA run's adapter-only folder "
+                                   "(peft). --merge: fold an adapter folder into its base. --format native (default): "
+                                   "re-save with a refreshed model card.")
+    x.add_argument("checkpoint", help="a checkpoint or run folder (an adapter folder with --merge)")
+    x.add_argument("output", help="the folder to write")
+    x.add_argument("--format", choices=("native", "llava", "adapter"))
+    x.add_argument("--merge", action="store_true", help="CHECKPOINT is an adapter folder: merge it into its base")
+    x.add_argument("--base", help="with --merge: the base checkpoint (default: rebuilt from the adapter's run config)")
+    x.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+    x.set_defaults(func=_cmd_export)
     return p
 
 

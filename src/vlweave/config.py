@@ -70,6 +70,9 @@ class LanguageConfig:
     random_init: bool = False
     config_overrides: dict[str, Any] = field(default_factory=dict)
     modules: list[LMModuleConfig] = field(default_factory=list)  # e.g. [{type: block_adapter, options: {layers: [-1]}}]
+    # QLoRA: load the LM's linear weights in 4-bit NF4 (bitsandbytes, CUDA only; `pip install vlweave[qlora]`); the
+    # LM may then only be trained through LoRA (builder.check_quantization).
+    load_in_4bit: bool = False
 
 
 @dataclass

@@ -20,6 +20,7 @@ from vlweave.data.easyvqa import add_question_types, question_template
 from vlweave.data.questions import read_questions
 from vlweave.eval.runner import load_eval_questions
 from vlweave.eval.vqa import majority_baselines
+from vlweave.export.card import refresh_model_card
 from vlweave.presets import preset_path
 from vlweave.runs import train_and_evaluate
 
@@ -56,6 +57,7 @@ def run_demo(overrides: list[str] | None = None, output_dir: str | None = None, 
         "visual_tokens": run.visual_tokens,
     }
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    refresh_model_card(run_dir / "final")  # the card of final/ now lists the held-out accuracy
     print_table(result)
     return result
 

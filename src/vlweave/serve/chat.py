@@ -6,13 +6,12 @@ midpoints, each encoded as an image, max-pooled and concatenated into the single
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from vlweave.eval.vqa import check_prompt_lengths, stop_token_ids
-from vlweave.processing import load_image, make_transform
+from vlweave.eval.vqa import check_prompt_lengths
+from vlweave.processing import IMAGE_TOKEN, load_image, make_transform
 from vlweave.processor import VlweaveProcessor
+from vlweave.serve.generation import Prompt, generate_batch
 from vlweave.vision.towers import BASE_TOWER
 
 
@@ -46,17 +45,22 @@ class ChatSession:
         self.processor = processor if processor is not None else VlweaveProcessor.from_model(model, tokenizer)
         self.max_new_tokens = max_new_tokens
         self.turns: list[dict[str, str]] = []
+        self.image = None
         self.pixel_values = None
         self.pixel_values_videos = None
         self.num_visual_tokens = self.processor.num_image_tokens
         if image:
-            self.pixel_values = self.processor.pixel_values([load_image(image)])
+            self.image = load_image(image)
+            self.pixel_values = self.processor.pixel_values([self.image])
         if video:
             self.pixel_values_videos = load_video_tensor(model, video, num_frames, self.processor)
             self.num_visual_tokens = model.num_video_tokens(num_frames)
 
     @torch.no_grad()
-    def ask(self, text: str, **generate_kwargs: Any) -> str:
+    def ask(self, text: str, *, temperature: float = 0.0, top_p: float = 1.0,
+            stop: list[str] | None = None) -> str:
+        """The next answer (greedy unless ``temperature`` > 0), through the same generation function as the
+        server (:func:`vlweave.serve.generation.generate_batch`)."""
         first = not self.turns
         visual = self.pixel_values is not None or self.pixel_values_videos is not None
         value = ("<image>\n" + text) if (first and visual) else text
@@ -69,11 +73,15 @@ class ChatSession:
         except ValueError:
             self.turns.pop()  # the refused turn is not part of the conversation
             raise
-        pad = self.processor.pad_token_id
-        out = self.model.generate(torch.tensor([ids]), pixel_values=self.pixel_values,
-                                  pixel_values_videos=self.pixel_values_videos,
-                                  max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  eos_token_id=stop_token_ids(self.tokenizer), pad_token_id=pad, **generate_kwargs)
-        answer = self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+        prompt = Prompt(input_ids=ids, image=self.image, texts=user_texts(self.turns),
+                        max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=top_p,
+                        stop=list(stop or []), video=self.pixel_values_videos)
+        (completion,) = generate_batch(self.model, self.processor, [prompt])
+        answer = completion.text
         self.turns.append({"from": "gpt", "value": answer})
         return answer
+
+
+def user_texts(turns: list[dict[str, str]]) -> list[str]:
+    """The user-turn texts of a conversation with the ``<image>`` tag removed (what the batch context carries)."""
+    return [t["value"].replace(IMAGE_TOKEN, "").strip() for t in turns if t["from"] in ("human", "user")]
