@@ -140,18 +140,66 @@ def test_resume_a_copied_folder_writes_into_the_copy(run_a, tmp_path, capsys):
     assert str(b) in (b / "config.yaml").read_text()  # the copy's config records where it now lives
 
 
-@pytest.mark.parametrize("damage", ["truncated weights", "empty state file"])
+def _flip_in_member(state: Path, suffix: str, at: float = 0.5) -> None:
+    """Flip one byte inside the stored bytes of the zip member ending with ``suffix`` (the zip stays readable)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(state) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith(suffix))
+    data = bytearray(state.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + int(info.file_size * at)] ^= 0xFF
+    state.write_bytes(bytes(data))
+
+
+def _truncate_pickle_in_valid_zip(state: Path) -> None:
+    """A well-formed zip (correct CRCs) whose pickle record is cut in half: only loading it can tell."""
+    import zipfile
+
+    with zipfile.ZipFile(state) as zf:
+        members = [(i.filename, zf.read(i)) for i in zf.infolist()]
+    with zipfile.ZipFile(state, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in members:
+            zf.writestr(name, data[: len(data) // 2] if name.endswith("data.pkl") else data)
+
+
+def _damage(latest: Path, damage: str) -> None:
+    weights, state = latest / "trained.safetensors", latest / "state.pt"
+    if damage == "truncated weights":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "empty state file":
+        state.write_bytes(b"")
+    elif damage == "byte flipped in a state tensor":
+        _flip_in_member(state, "data/0")
+    elif damage == "byte flipped in the state pickle":
+        _flip_in_member(state, "data.pkl", at=0.3)
+    elif damage == "pickle truncated in a valid zip":
+        _truncate_pickle_in_valid_zip(state)
+    elif damage == "byte flipped in the weights' data":  # header and length intact; caught by the recorded CRC
+        data = bytearray(weights.read_bytes())
+        data[-7] ^= 0xFF
+        weights.write_bytes(bytes(data))
+
+
+LOOKS_COMPLETE = ["byte flipped in a state tensor", "byte flipped in the state pickle",
+                  "pickle truncated in a valid zip", "byte flipped in the weights' data"]
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "empty state file", *LOOKS_COMPLETE])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(run_a, tmp_path, capsys, damage):
     tmp, a = run_a
     c = interrupted_copy(a, tmp_path / "C")
     shutil.copytree(a / "checkpoints" / "ckpt-s0-000003", c / "checkpoints" / "ckpt-s0-000003")
     latest = c / "checkpoints" / "ckpt-s0-000003"
-    if damage == "truncated weights":
-        data = (latest / "trained.safetensors").read_bytes()
-        (latest / "trained.safetensors").write_bytes(data[: len(data) // 2])
+    _damage(latest, damage)
+    if damage in LOOKS_COMPLETE:  # the cheap check passes: only loading finds it
+        assert ckpts.checkpoint_problem(latest) is None
+        with pytest.raises(ckpts.DamagedFileError):
+            ckpts.load_resume_point(latest)
     else:
-        (latest / "state.pt").write_bytes(b"")
-    assert ckpts.checkpoint_problem(latest) is not None
+        assert ckpts.checkpoint_problem(latest) is not None
     # Named explicitly, a damaged checkpoint is refused (no silent substitution).
     assert main(["train", str(tmp / "a.yaml"), "--resume", str(latest)]) == 2
     err = capsys.readouterr().err
@@ -162,6 +210,39 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(run_a, tmp_pat
         assert main(["train", str(tmp / "a.yaml"), "--resume", str(c)]) == 0
     torch.testing.assert_close(torch.tensor(losses(log_of(c))), torch.tensor(losses(log_of(a))), atol=1e-6, rtol=0)
     assert ckpts.checkpoint_problem(latest) is None  # rewritten by the resumed run
+
+
+def test_interrupted_swap_is_recovered_on_resume(run_a, tmp_path, capsys):
+    """A crash between publish_folder's two renames (re-saving a name) leaves ``<ckpt>.old``, maybe a complete
+    ``<ckpt>.tmp``, and no ``<ckpt>``: resume puts the published copy back, says so, and continues exactly."""
+    tmp, a = run_a
+    e = interrupted_copy(a, tmp_path / "E")
+    latest = e / "checkpoints" / "ckpt-s0-000002"
+    shutil.copytree(latest, latest.with_name(latest.name + ".tmp"))
+    os.replace(latest, latest.with_name(latest.name + ".old"))
+    assert [c.name for c in ckpts.list_checkpoints(e)] == ["ckpt-s0-000001"]
+    # Named explicitly (the folder itself is gone): recovered before the existence check.
+    with pytest.warns(UserWarning, match=r"restored .*ckpt-s0-000002 from ckpt-s0-000002.old"):
+        assert main(["train", str(tmp / "a.yaml"), "--resume", str(latest)]) == 0
+    assert not latest.with_name(latest.name + ".old").exists() and not latest.with_name(latest.name + ".tmp").exists()
+    torch.testing.assert_close(torch.tensor(losses(log_of(e))), torch.tensor(losses(log_of(a))), atol=1e-6, rtol=0)
+
+
+def test_recover_interrupted_writes_cases(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "ckpt-s0-000004").mkdir(parents=True)
+    (run / "checkpoints" / "ckpt-s0-000004.old").mkdir()  # crash while removing the replaced copy
+    (run / "final.old").mkdir()  # crash between the renames of a re-export
+    (run / "final.old" / "config.json").write_text("{}")
+    (run / "final.tmp").mkdir()
+    (run / "notes.old").mkdir()  # not ours: untouched
+    with pytest.warns(UserWarning, match="restored"):
+        done = ckpts.recover_interrupted_writes(run)
+    assert len(done) == 2
+    assert (run / "final" / "config.json").is_file() and not (run / "final.old").exists()
+    assert not (run / "final.tmp").exists() and (run / "notes.old").is_dir()
+    assert (run / "checkpoints" / "ckpt-s0-000004").is_dir() and not (run / "checkpoints" / "ckpt-s0-000004.old").exists()
+    assert ckpts.recover_interrupted_writes(run) == []  # idempotent
 
 
 def test_resume_refuses_set_and_changed_data(run_a, tmp_path, capsys):

@@ -74,16 +74,17 @@ def _resume_config(args: argparse.Namespace, preset_path):
     ``--set`` and ``--output`` are refused: a resume that trained with other settings than the saved config claims
     would not be the run it continues."""
     from vlweave.config import RunConfig
-    from vlweave.train.checkpoints import CKPT_NAME
+    from vlweave.train.checkpoints import CKPT_NAME, recover_interrupted_writes
 
     if args.set or args.output:
         raise ValueError("--set and --output do not apply with --resume: a resumed run continues with the config it "
                          "was started with (RUN/config.yaml) in the folder given; start a new run to change settings")
     resume = Path(args.resume).expanduser()
-    if not resume.exists():
-        raise FileNotFoundError(f"{resume}: no such run folder or checkpoint")
     is_ckpt = (resume / "progress.json").exists() or bool(CKPT_NAME.fullmatch(resume.name))
     run_dir = resume.parent.parent if is_ckpt and resume.parent.name == "checkpoints" else resume
+    recover_interrupted_writes(run_dir)  # a crash mid-swap leaves <ckpt>.old: put it back (and say so) first
+    if not resume.exists():
+        raise FileNotFoundError(f"{resume}: no such run folder or checkpoint")
     saved = run_dir / "config.yaml"
     source = saved if saved.exists() else preset_path(args.config)
     return RunConfig.load(source, [f"train.output_dir={run_dir}"])
