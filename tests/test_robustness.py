@@ -453,3 +453,38 @@ def test_cache_write_is_atomic_and_a_damaged_file_is_rebuilt(tower_model):
         rebuilt = FeatureStore(model, make_transform(model))
     assert images[0] not in rebuilt
     torch.testing.assert_close(rebuilt.batch([images[0]])[0][0], tower_output(model, images[0]), atol=1e-6, rtol=0)
+
+
+def test_cache_prune_removes_only_files_no_current_run_reads(tower_model, capsys):
+    from filelock import FileLock
+    from safetensors.torch import save_file
+
+    from vlweave.vision.cache import prune_cache
+
+    cfg, model, images = tower_model
+    store = FeatureCache(model).stores["base"]
+    store.ensure(images[:2], progress=False)
+    folder = store.path.parent
+    save_file({"0.0": torch.zeros(4, 8)}, str(folder / "0123456789abcdef.safetensors"))  # format 1: path-keyed
+    (folder / "0123456789abcdef.json").write_text(json.dumps({"paths": [images[0]], "num_layers": 1}))
+    (folder / "fedcba9876543210.safetensors").write_bytes(store.path.read_bytes()[:100])  # damaged
+    stale_tmp = folder / f"{store.path.name}.99999.tmp"  # a writer killed before its rename
+    stale_tmp.write_bytes(b"partial")
+    kept = store.path.read_bytes()
+    assert main(["cache", "prune", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert out.out.count("would remove") == 4 and "earlier cache format (path-keyed)" in out.out
+    assert "would remove 4 file(s)" in out.err and (folder / "0123456789abcdef.json").exists()
+    # A store whose lock a saving run holds keeps its temp file.
+    lock = FileLock(str(store.path) + ".lock")
+    with lock:
+        result: list = []
+        t = threading.Thread(target=lambda: result.append(prune_cache(folder)))
+        t.start()
+        t.join(timeout=30)
+    removed = {p.name for p, _ in result[0][0]}
+    assert stale_tmp.exists() and stale_tmp.name not in removed and len(removed) == 3
+    assert main(["cache", "prune"]) == 0
+    assert "removed 1 file(s)" in capsys.readouterr().err and not stale_tmp.exists()
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == [store.path.name]
+    assert store.path.read_bytes() == kept and all(p in FeatureCache(model).stores["base"] for p in images[:2])

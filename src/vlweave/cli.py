@@ -33,6 +33,19 @@ def _cmd_assets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from vlweave import assets
+    from vlweave.vision.cache import prune_cache
+
+    files, total = prune_cache(dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for path, reason in files:
+        print(f"{verb} {path}: {reason}")
+    print(f"{verb} {len(files)} file(s), {total / 2**20:.1f} MiB, from {assets.cache_dir() / 'features'}",
+          file=sys.stderr)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vlweave.demo import run_demo
 
@@ -208,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--force", action="store_true", help="rebuild even if cached")
     a.set_defaults(func=_cmd_assets)
 
+    k = sub.add_parser("cache", help="maintain the frozen-feature cache")
+    k.add_argument("action", choices=["prune"], help="prune: delete files no current run reads (stores of the "
+                   "earlier path-keyed format, damaged stores, temp files of interrupted writes)")
+    k.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    k.set_defaults(func=_cmd_cache)
     d = sub.add_parser("demo", help="train + evaluate the embedded default (DINOv2-S + SmolLM2) on easy-vqa")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     d.add_argument("--output", help="run folder (default: train.output_dir of the demo preset)")
