@@ -1,4 +1,4 @@
-"""``vlweave demo | train | eval | chat | assets`` — the command line.
+"""``vlweave demo | train | eval | chat | assets | cache`` — the command line.
 
 Errors a user can fix (bad config, bad data record, missing file) are printed as one clear line, not a traceback.
 """
