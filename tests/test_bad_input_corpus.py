@@ -207,6 +207,64 @@ def mmbench_case(make_rows: Callable[[str], list[list[str]]], *, latin1: bool = 
     return build
 
 
+def mmbench_image_case(image: bytes):
+    """A well-formed MMBench TSV whose second row's base64 image passes the header check but not a full decode."""
+    def build(base, tmp):
+        good = base64.b64encode(Path(base.image).read_bytes()).decode()
+        return mmbench_case(lambda b64: [["0", "Which?", "", "red", "blue", "A", "c", good],
+                                         ["1", "Which?", "", "red", "blue", "B", "c", base64.b64encode(image).decode()],
+                                         ["2", "Which?", "", "red", "blue", "A", "c", "1"]])(base, tmp)
+    return build
+
+
+def mme_case(split_layout: bool):
+    """An MME release folder (``existence``: images and <stem>.txt side by side; ``artwork``: images/ +
+    questions_answers_YN/) with one good image and one that does not decode."""
+    def build(base, tmp):
+        sub = tmp / "MME_Benchmark" / ("artwork" if split_layout else "existence")
+        images, qa = (sub / "images", sub / "questions_answers_YN") if split_layout else (sub, sub)
+        images.mkdir(parents=True)
+        qa.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(base.image, images / "good.png")
+        (images / "bad.png").write_bytes(png_bytes("truncated"))
+        for stem in ("good", "bad"):
+            (qa / f"{stem}.txt").write_text("Is there a square? Please answer yes or no.\tYes\n"
+                                            "Is there a circle? Please answer yes or no.\tNo\n")
+        return ["eval", str(base.ckpt), "--benchmark", "mme", "--data", str(tmp / "MME_Benchmark"), "--output",
+                str(tmp / "out")], [images / "bad.png", qa / "bad.txt"]
+    return build
+
+
+def weights_case(damage: str, command: str = "eval"):
+    """A copy of the checkpoint whose model.safetensors has the right length but a bad header or garbage data."""
+    def ckpt(base, tmp):
+        import struct
+
+        folder = tmp / "ckpt"
+        shutil.copytree(base.ckpt, folder)
+        data = bytearray((folder / "model.safetensors").read_bytes())
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n])
+        name = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1]
+                   - header[k]["data_offsets"][0])
+        start, stop = header[name]["data_offsets"]
+        if damage == "header":  # a range that disagrees with dtype x shape, same header length (padded)
+            header[name]["data_offsets"] = [start + 4, stop]
+            text = json.dumps(header, separators=(",", ":")).encode()
+            data[8 : 8 + n] = text.ljust(n)
+        else:  # garbage bytes where the largest tensor's data is (0xff.. is NaN in float32)
+            data[8 + n + start : 8 + n + stop] = b"\xff" * (stop - start)
+        (folder / "model.safetensors").write_bytes(bytes(data))
+        return folder
+
+    if command == "chat":
+        return chat_case("--prompt", "Hi", ckpt=ckpt)
+
+    def build(base, tmp):
+        return question_case(base.questions, ckpt=str(ckpt(base, tmp)))(base, tmp)
+    return build
+
+
 def vqa_style_case(benchmark: str, annotations: Callable[[list[dict]], object]):
     """A good LLaVA question file with bad ground truth (``--annotations``)."""
     def build(base, tmp):
@@ -319,6 +377,10 @@ CASES = [
     Case("eval-over-long-question", questions_with(1, field("text", LONG)),
          ("question_id 'q1'", "too long for the model's context of 512 tokens")),
     Case("eval-truncated-weights", eval_damaged, ("{tmp}/ckpt/model.safetensors", "damaged weights file")),
+    Case("eval-weights-bad-header", weights_case("header"),
+         ("{tmp}/ckpt/model.safetensors", "damaged weights file", "bytes for F32 [")),
+    Case("eval-weights-garbage-data", weights_case("data"),
+         ("{tmp}/ckpt/model.safetensors", "damaged weights file", "NaN/inf")),
     # -- benchmark readers
     Case("pope-latin1-bytes", pope_case(lambda rows: _pope_json(rows).replace(b"square", "squ\xe4re".encode("latin-1"), 1)),
          ("{tmp}/coco_pope_random.json", "not UTF-8 text at line")),
@@ -331,6 +393,13 @@ CASES = [
                                               latin1=True), ("{tmp}/mmbench_dev_en.tsv", "not UTF-8 text at line 2")),
     Case("mmbench-bad-base64", mmbench_case(lambda b64: [["0", "Which?", "", "red", "blue", "A", "c", "@@@"]]),
          ("{tmp}/mmbench_dev_en.tsv", "row 1")),
+    Case("mmbench-image-truncated", mmbench_image_case(png_bytes("truncated")),
+         ("{tmp}/mmbench_dev_en.tsv", "row 2 (line 3) (index 1)", "does not decode")),
+    Case("mme-image-corrupt", mme_case(split_layout=False),
+         ("{tmp}/MME_Benchmark", "question_id 'existence/bad.png#0'", "{tmp}/MME_Benchmark/existence/bad.png",
+          "does not decode")),
+    Case("mme-image-corrupt-split-layout", mme_case(split_layout=True),
+         ("question_id 'artwork/bad.png#1'", "{tmp}/MME_Benchmark/artwork/images/bad.png", "does not decode")),
     Case("textvqa-non-string-answers", vqa_style_case("textvqa", lambda rows: {"data": [
         {"question_id": r["question_id"], "answers": ["red"] * 10 if i != 2 else [1, 2]} for i, r in enumerate(rows)]}),
          ("{tmp}/annotations.json", "record 2 (question_id 'q2')", "'answers' must be a non-empty list of strings")),
@@ -344,6 +413,8 @@ CASES = [
          ("{tmp}/bad.png", "cannot read image")),
     Case("chat-truncated-weights", chat_case("--prompt", "Hi", ckpt=damaged_checkpoint),
          ("{tmp}/ckpt/model.safetensors", "damaged weights file")),
+    Case("chat-weights-garbage-data", weights_case("data", "chat"),
+         ("{tmp}/ckpt/model.safetensors", "damaged weights file", "NaN/inf")),
     Case("chat-over-long-prompt", chat_case("--prompt", LONG), ("chat turn 1 (", "too long for the model's context")),
     Case("chat-max-new-tokens-zero", chat_case("--prompt", "Hi", "--max-new-tokens", "0"),
          ("--max-new-tokens and --frames must be at least 1",)),
@@ -353,7 +424,7 @@ CASES = [
 def test_corpus_is_large_and_covers_every_entry_point():
     kinds = {c.name.split("-")[0] for c in CASES}
     assert len(CASES) >= 30 and len({c.name for c in CASES}) == len(CASES)
-    assert {"train", "config", "resume", "eval", "pope", "mmbench", "textvqa", "gqa", "chat"} <= kinds
+    assert {"train", "config", "resume", "eval", "pope", "mmbench", "mme", "textvqa", "gqa", "chat"} <= kinds
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

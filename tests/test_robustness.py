@@ -140,18 +140,66 @@ def test_resume_a_copied_folder_writes_into_the_copy(run_a, tmp_path, capsys):
     assert str(b) in (b / "config.yaml").read_text()  # the copy's config records where it now lives
 
 
-@pytest.mark.parametrize("damage", ["truncated weights", "empty state file"])
+def _flip_in_member(state: Path, suffix: str, at: float = 0.5) -> None:
+    """Flip one byte inside the stored bytes of the zip member ending with ``suffix`` (the zip stays readable)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(state) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith(suffix))
+    data = bytearray(state.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + int(info.file_size * at)] ^= 0xFF
+    state.write_bytes(bytes(data))
+
+
+def _truncate_pickle_in_valid_zip(state: Path) -> None:
+    """A well-formed zip (correct CRCs) whose pickle record is cut in half: only loading it can tell."""
+    import zipfile
+
+    with zipfile.ZipFile(state) as zf:
+        members = [(i.filename, zf.read(i)) for i in zf.infolist()]
+    with zipfile.ZipFile(state, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in members:
+            zf.writestr(name, data[: len(data) // 2] if name.endswith("data.pkl") else data)
+
+
+def _damage(latest: Path, damage: str) -> None:
+    weights, state = latest / "trained.safetensors", latest / "state.pt"
+    if damage == "truncated weights":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "empty state file":
+        state.write_bytes(b"")
+    elif damage == "byte flipped in a state tensor":
+        _flip_in_member(state, "data/0")
+    elif damage == "byte flipped in the state pickle":
+        _flip_in_member(state, "data.pkl", at=0.3)
+    elif damage == "pickle truncated in a valid zip":
+        _truncate_pickle_in_valid_zip(state)
+    elif damage == "byte flipped in the weights' data":  # header and length intact; caught by the recorded CRC
+        data = bytearray(weights.read_bytes())
+        data[-7] ^= 0xFF
+        weights.write_bytes(bytes(data))
+
+
+LOOKS_COMPLETE = ["byte flipped in a state tensor", "byte flipped in the state pickle",
+                  "pickle truncated in a valid zip", "byte flipped in the weights' data"]
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "empty state file", *LOOKS_COMPLETE])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(run_a, tmp_path, capsys, damage):
     tmp, a = run_a
     c = interrupted_copy(a, tmp_path / "C")
     shutil.copytree(a / "checkpoints" / "ckpt-s0-000003", c / "checkpoints" / "ckpt-s0-000003")
     latest = c / "checkpoints" / "ckpt-s0-000003"
-    if damage == "truncated weights":
-        data = (latest / "trained.safetensors").read_bytes()
-        (latest / "trained.safetensors").write_bytes(data[: len(data) // 2])
+    _damage(latest, damage)
+    if damage in LOOKS_COMPLETE:  # the cheap check passes: only loading finds it
+        assert ckpts.checkpoint_problem(latest) is None
+        with pytest.raises(ckpts.DamagedFileError):
+            ckpts.load_resume_point(latest)
     else:
-        (latest / "state.pt").write_bytes(b"")
-    assert ckpts.checkpoint_problem(latest) is not None
+        assert ckpts.checkpoint_problem(latest) is not None
     # Named explicitly, a damaged checkpoint is refused (no silent substitution).
     assert main(["train", str(tmp / "a.yaml"), "--resume", str(latest)]) == 2
     err = capsys.readouterr().err
@@ -162,6 +210,39 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(run_a, tmp_pat
         assert main(["train", str(tmp / "a.yaml"), "--resume", str(c)]) == 0
     torch.testing.assert_close(torch.tensor(losses(log_of(c))), torch.tensor(losses(log_of(a))), atol=1e-6, rtol=0)
     assert ckpts.checkpoint_problem(latest) is None  # rewritten by the resumed run
+
+
+def test_interrupted_swap_is_recovered_on_resume(run_a, tmp_path, capsys):
+    """A crash between publish_folder's two renames (re-saving a name) leaves ``<ckpt>.old``, maybe a complete
+    ``<ckpt>.tmp``, and no ``<ckpt>``: resume puts the published copy back, says so, and continues exactly."""
+    tmp, a = run_a
+    e = interrupted_copy(a, tmp_path / "E")
+    latest = e / "checkpoints" / "ckpt-s0-000002"
+    shutil.copytree(latest, latest.with_name(latest.name + ".tmp"))
+    os.replace(latest, latest.with_name(latest.name + ".old"))
+    assert [c.name for c in ckpts.list_checkpoints(e)] == ["ckpt-s0-000001"]
+    # Named explicitly (the folder itself is gone): recovered before the existence check.
+    with pytest.warns(UserWarning, match=r"restored .*ckpt-s0-000002 from ckpt-s0-000002.old"):
+        assert main(["train", str(tmp / "a.yaml"), "--resume", str(latest)]) == 0
+    assert not latest.with_name(latest.name + ".old").exists() and not latest.with_name(latest.name + ".tmp").exists()
+    torch.testing.assert_close(torch.tensor(losses(log_of(e))), torch.tensor(losses(log_of(a))), atol=1e-6, rtol=0)
+
+
+def test_recover_interrupted_writes_cases(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "ckpt-s0-000004").mkdir(parents=True)
+    (run / "checkpoints" / "ckpt-s0-000004.old").mkdir()  # crash while removing the replaced copy
+    (run / "final.old").mkdir()  # crash between the renames of a re-export
+    (run / "final.old" / "config.json").write_text("{}")
+    (run / "final.tmp").mkdir()
+    (run / "notes.old").mkdir()  # not ours: untouched
+    with pytest.warns(UserWarning, match="restored"):
+        done = ckpts.recover_interrupted_writes(run)
+    assert len(done) == 2
+    assert (run / "final" / "config.json").is_file() and not (run / "final.old").exists()
+    assert not (run / "final.tmp").exists() and (run / "notes.old").is_dir()
+    assert (run / "checkpoints" / "ckpt-s0-000004").is_dir() and not (run / "checkpoints" / "ckpt-s0-000004.old").exists()
+    assert ckpts.recover_interrupted_writes(run) == []  # idempotent
 
 
 def test_resume_refuses_set_and_changed_data(run_a, tmp_path, capsys):
@@ -372,3 +453,38 @@ def test_cache_write_is_atomic_and_a_damaged_file_is_rebuilt(tower_model):
         rebuilt = FeatureStore(model, make_transform(model))
     assert images[0] not in rebuilt
     torch.testing.assert_close(rebuilt.batch([images[0]])[0][0], tower_output(model, images[0]), atol=1e-6, rtol=0)
+
+
+def test_cache_prune_removes_only_files_no_current_run_reads(tower_model, capsys):
+    from filelock import FileLock
+    from safetensors.torch import save_file
+
+    from vlweave.vision.cache import prune_cache
+
+    cfg, model, images = tower_model
+    store = FeatureCache(model).stores["base"]
+    store.ensure(images[:2], progress=False)
+    folder = store.path.parent
+    save_file({"0.0": torch.zeros(4, 8)}, str(folder / "0123456789abcdef.safetensors"))  # format 1: path-keyed
+    (folder / "0123456789abcdef.json").write_text(json.dumps({"paths": [images[0]], "num_layers": 1}))
+    (folder / "fedcba9876543210.safetensors").write_bytes(store.path.read_bytes()[:100])  # damaged
+    stale_tmp = folder / f"{store.path.name}.99999.tmp"  # a writer killed before its rename
+    stale_tmp.write_bytes(b"partial")
+    kept = store.path.read_bytes()
+    assert main(["cache", "prune", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert out.out.count("would remove") == 4 and "earlier cache format (path-keyed)" in out.out
+    assert "would remove 4 file(s)" in out.err and (folder / "0123456789abcdef.json").exists()
+    # A store whose lock a saving run holds keeps its temp file.
+    lock = FileLock(str(store.path) + ".lock")
+    with lock:
+        result: list = []
+        t = threading.Thread(target=lambda: result.append(prune_cache(folder)))
+        t.start()
+        t.join(timeout=30)
+    removed = {p.name for p, _ in result[0][0]}
+    assert stale_tmp.exists() and stale_tmp.name not in removed and len(removed) == 3
+    assert main(["cache", "prune"]) == 0
+    assert "removed 1 file(s)" in capsys.readouterr().err and not stale_tmp.exists()
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == [store.path.name]
+    assert store.path.read_bytes() == kept and all(p in FeatureCache(model).stores["base"] for p in images[:2])

@@ -197,6 +197,11 @@ def check_checkpoint_folder(folder: Path, weights: bool = False) -> None:
     from vlweave.safe_io import verify_safetensors
 
     if not (folder / "config.json").exists():
+        old = folder.with_name(folder.name + ".old")
+        if not folder.exists() and (old / "config.json").is_file():  # a crash mid-way through re-saving it
+            raise FileNotFoundError(f"{folder}: missing, but {old.name} beside it is its previous complete copy (a "
+                                    f"write was interrupted between its two renames): rename {old.name} back to "
+                                    f"{folder.name}, or resume the run (--resume restores it)")
         raise FileNotFoundError(f"{folder}: not a checkpoint folder (no config.json)")
     try:
         model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
@@ -223,10 +228,32 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32):
     Its processor: :func:`load_processor`."""
     folder = Path(folder)
     check_checkpoint_folder(folder, weights=True)
-    model = VlweaveForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+    model = _from_pretrained_checked(folder, dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model.eval()
     return model, tokenizer
+
+
+def _from_pretrained_checked(folder: Path, dtype: torch.dtype) -> VlweaveForConditionalGeneration:
+    """``from_pretrained`` with damage reported by file: a safetensors error names the weights file, and weights
+    that load but hold NaN/inf (garbage bytes under an intact header; the trainer never exports non-finite
+    weights) are refused naming the file and the first tensors, instead of generating nonsense."""
+    from safetensors import SafetensorError
+
+    from vlweave.safe_io import DamagedFileError
+
+    weights = folder / ("model.safetensors.index.json" if (folder / "model.safetensors.index.json").is_file()
+                        else "model.safetensors")
+    try:
+        model = VlweaveForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+    except SafetensorError as exc:
+        raise DamagedFileError(f"{weights}: damaged weights file ({exc})") from None
+    with torch.no_grad():
+        bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise DamagedFileError(f"{weights}: damaged weights file ({len(bad)} tensor(s) hold NaN/inf values, "
+                               f"first {', '.join(bad[:3])})")
+    return model
 
 
 def load_processor(folder: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> VlweaveProcessor:

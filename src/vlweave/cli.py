@@ -1,4 +1,4 @@
-"""``vlweave demo | train | eval | chat | serve | export | assets | compare | convert`` — the command line.
+"""``vlweave demo | train | eval | chat | serve | export | assets | cache | compare | convert`` — the command line.
 
 Errors a user can fix (bad config, bad data record, missing file) are printed as one clear line, not a traceback.
 """
@@ -30,6 +30,19 @@ def _cmd_assets(args: argparse.Namespace) -> int:
     names = args.names or list(assets.ASSETS)
     for name in names:
         print(f"{name}: {assets.pull(name, force=args.force)}")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from vlweave import assets
+    from vlweave.vision.cache import prune_cache
+
+    files, total = prune_cache(dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for path, reason in files:
+        print(f"{verb} {path}: {reason}")
+    print(f"{verb} {len(files)} file(s), {total / 2**20:.1f} MiB, from {assets.cache_dir() / 'features'}",
+          file=sys.stderr)
     return 0
 
 
@@ -74,16 +87,17 @@ def _resume_config(args: argparse.Namespace, preset_path):
     ``--set`` and ``--output`` are refused: a resume that trained with other settings than the saved config claims
     would not be the run it continues."""
     from vlweave.config import RunConfig
-    from vlweave.train.checkpoints import CKPT_NAME
+    from vlweave.train.checkpoints import CKPT_NAME, recover_interrupted_writes
 
     if args.set or args.output:
         raise ValueError("--set and --output do not apply with --resume: a resumed run continues with the config it "
                          "was started with (RUN/config.yaml) in the folder given; start a new run to change settings")
     resume = Path(args.resume).expanduser()
-    if not resume.exists():
-        raise FileNotFoundError(f"{resume}: no such run folder or checkpoint")
     is_ckpt = (resume / "progress.json").exists() or bool(CKPT_NAME.fullmatch(resume.name))
     run_dir = resume.parent.parent if is_ckpt and resume.parent.name == "checkpoints" else resume
+    recover_interrupted_writes(run_dir)  # a crash mid-swap leaves <ckpt>.old: put it back (and say so) first
+    if not resume.exists():
+        raise FileNotFoundError(f"{resume}: no such run folder or checkpoint")
     saved = run_dir / "config.yaml"
     source = saved if saved.exists() else preset_path(args.config)
     return RunConfig.load(source, [f"train.output_dir={run_dir}"])
@@ -306,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--force", action="store_true", help="rebuild even if cached")
     a.set_defaults(func=_cmd_assets)
 
+    k = sub.add_parser("cache", help="maintain the frozen-feature cache")
+    k.add_argument("action", choices=["prune"], help="prune: delete files no current run reads (stores of the "
+                   "earlier path-keyed format, damaged stores, temp files of interrupted writes)")
+    k.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    k.set_defaults(func=_cmd_cache)
     d = sub.add_parser("demo", help="train + evaluate the embedded default (DINOv2-S + SmolLM2) on easy-vqa")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     d.add_argument("--output", help="run folder (default: train.output_dir of the demo preset)")

@@ -115,6 +115,37 @@ def read_text_file(path: str | Path, *, error: type[Exception] = ValueError) -> 
                     "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _header_problem(header: dict[str, Any]) -> str | None:
+    """What is inconsistent in a safetensors header (the entries' dtype, shape and byte ranges), or None.  The
+    ranges must tile the data block without gaps or overlaps, as safetensors itself requires when loading."""
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, stop) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            count = 1
+            for dim in shape:
+                count *= int(dim)
+        except (TypeError, KeyError, ValueError):
+            return f"tensor {name!r}: malformed header entry"
+        width = _DTYPE_BYTES.get(dtype)
+        if width is not None and stop - start != count * width:
+            return f"tensor {name!r}: {stop - start} bytes for {dtype} {list(shape)}"
+        spans.append((start, stop, name))
+    spans.sort()
+    at = 0
+    for start, stop, name in spans:
+        if start != at or stop < start:
+            return f"tensor {name!r}: byte range {start}-{stop} does not follow the previous tensor's end {at}"
+        at = stop
+    return None
+
+
 def verify_safetensors(path: str | Path) -> dict[str, Any]:
     """Check that a ``.safetensors`` file is complete without reading its tensors: the header parses and the
     file is exactly as long as the header says.  Returns the header; raises :class:`DamagedFileError` naming the
@@ -136,8 +167,10 @@ def verify_safetensors(path: str | Path) -> dict[str, Any]:
             raise DamagedFileError(f"{path}: damaged weights file (unreadable header)") from None
     if not isinstance(header, dict):
         raise DamagedFileError(f"{path}: damaged weights file (unreadable header)")
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)),
-              default=0)
+    problem = _header_problem(header)
+    if problem:
+        raise DamagedFileError(f"{path}: damaged weights file ({problem})")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end != size:
         raise DamagedFileError(f"{path}: damaged weights file (truncated: {size} bytes, the header describes "
                                f"{8 + n + end})")

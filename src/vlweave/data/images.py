@@ -4,15 +4,16 @@
 so a file is hashed once per run; the frozen-feature cache keys its entries by it, so an image replaced on disk is
 never served its old features.  :func:`verify_images` fully decodes every image (in a thread pool: PIL's decoders
 release the GIL) before any model is built and reports all failures in one error naming the data file, the record
-and the image.  A digest that decoded once is remembered in the cache folder (``images/decoded.txt``), so a
+and the image; :func:`verify_image_data` does the same for images held inside a data file (MMBench's base64).  A digest that decoded once is remembered in the cache folder (``images/decoded.txt``), so a
 second run on the same images only hashes them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -68,22 +69,57 @@ def _remember(digests: Iterable[str]) -> None:
 
 def _check_one(path: str) -> tuple[str | None, str | None]:
     """(digest, problem) for one image file."""
-    from PIL import Image
-
     try:
         digest = file_digest(path)
     except OSError as exc:
         return None, f"cannot read image file: {exc.strerror or exc}"
     if digest in _known_decoded():
         return digest, None
+    return digest, _decode_problem(path)
+
+
+def _decode_problem(source) -> str | None:
+    """Why an image (a path or a file object) does not fully decode, or None."""
+    from PIL import Image
+
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             if im.width < 1 or im.height < 1:
-                return digest, "image has no pixels"
+                return "image has no pixels"
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
-        return digest, f"image does not decode ({type(exc).__name__}: {exc})"
-    return digest, None
+        return f"image does not decode ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _check_data(load: Callable[[], bytes]) -> tuple[str | None, str | None]:
+    """(digest, problem) for one in-memory image; ``load`` may raise ``ValueError`` (bad base64, say)."""
+    try:
+        data = load()
+    except ValueError as exc:
+        return None, str(exc)
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    if digest in _known_decoded():
+        return digest, None
+    return digest, _decode_problem(io.BytesIO(data))
+
+
+def verify_image_data(entries: Sequence[tuple[str, Hashable, Callable[[], bytes]]], source: str | Path, *,
+                      workers: int | None = None) -> None:
+    """:func:`verify_images` for images held in a data file (MMBench's base64 column): ``(where, key, load)``,
+    where entries with one ``key`` share one image, decoded once.  Each is decoded in full (not only its
+    header), in a thread pool, and remembered by the digest of its bytes like files are."""
+    loads = {key: load for _, key, load in entries}
+    if not loads:
+        return
+    keys = list(loads)
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        results = dict(zip(keys, pool.map(lambda k: _check_data(loads[k]), keys)))
+    _remember(d for d, problem in results.values() if d and not problem)
+    lines = [f"{where}: {results[key][1]}" for where, key, _ in entries if results[key][1]]
+    if lines:
+        shown = lines[:MAX_LISTED] + ([f"... and {len(lines) - MAX_LISTED} more"] if len(lines) > MAX_LISTED else [])
+        raise DataError(f"{source}: {len(lines)} record(s) with an image that cannot be used:\n  " + "\n  ".join(shown))
 
 
 def verify_images(entries: Sequence[tuple[str, str]], source: str | Path, *, workers: int | None = None,
@@ -112,4 +148,4 @@ def verify_sample_images(samples: Sequence, source: str | Path, *, progress: boo
     verify_images([(f"record id {s.id!r}", s.image) for s in samples if s.image], source, progress=progress)
 
 
-__all__ = ["file_digest", "verify_images", "verify_sample_images"]
+__all__ = ["file_digest", "verify_image_data", "verify_images", "verify_sample_images"]

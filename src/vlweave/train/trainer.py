@@ -245,7 +245,8 @@ class Trainer:
             (tmp / "progress.json").write_text(json.dumps(
                 {"stage_index": stage_index, "step": step, "trained": sorted(names),
                  "components": {c: sorted(k) for c, k in self.trained.items()}, "metrics": self.metrics,
-                 "data": self.data_fingerprints, "nonfinite_skipped": self.guard.skipped}))
+                 "data": self.data_fingerprints, "nonfinite_skipped": self.guard.skipped,
+                 "checksums": ckpts.checksums(tmp)}))
 
         final.parent.mkdir(parents=True, exist_ok=True)
         ckpts.publish_folder(final, write, "checkpoint", kept=ckpts.describe_kept(self.run_dir))
@@ -260,10 +261,11 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------------
     def train(self, resume: str | Path | None = None) -> dict[str, Any]:
         cfg = self.cfg
-        start_stage, start_step, ckpt = 0, 0, None
+        start_stage, start_step, ckpt, point = 0, 0, None, None
         if resume is not None:
-            ckpt = self.latest_checkpoint(resume)
-            prog = json.loads((ckpt / "progress.json").read_text())
+            # Loaded (and checked) completely here, so a damaged checkpoint falls back to the previous one.
+            point = ckpts.load_resume_checkpoint(resume)
+            ckpt, prog = point.path, point.progress
             start_stage, start_step = prog["stage_index"], prog["step"]
             self.metrics = prog["metrics"]
             self.guard.skipped = list(prog.get("nonfinite_skipped", []))
@@ -282,8 +284,8 @@ class Trainer:
                 continue
             apply_tune_policy(self.model, stage, cfg.train.lora)
             self._mark_trained(stage)
-            if ckpt is not None and index == start_stage:
-                self._load_trained(ckpt)
+            if point is not None and index == start_stage:
+                self._load_trained(ckpt, point.trained)
             samples = self.stage_samples(index, stage)
             total, mbs = plan_batches(len(samples), stage, cfg.train.seed, index)
             first = step_start(ckpt, index, start_stage, start_step, stage)
@@ -294,8 +296,8 @@ class Trainer:
             optimizer = self._optimizer(stage)
             scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(stage.warmup_ratio * total), total)
             step = 0
-            if ckpt is not None and index == start_stage:
-                state = torch.load(ckpt / "state.pt", weights_only=False)
+            if point is not None and index == start_stage:
+                state, point = point.state, None  # nothing of the checkpoint is held past this point
                 optimizer.load_state_dict(state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
                 torch.set_rng_state(state["rng"])
@@ -342,8 +344,8 @@ class Trainer:
         calibrate(feats)
         self.trained.setdefault("connector", set()).add("buffers")
 
-    def _load_trained(self, ckpt: Path) -> None:
-        state = load_file(str(ckpt / "trained.safetensors"))
+    def _load_trained(self, ckpt: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        state = load_file(str(ckpt / "trained.safetensors")) if state is None else state
         params = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
         missing = set(state) - set(params)
         if missing:

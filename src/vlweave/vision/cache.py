@@ -14,6 +14,7 @@ need are never run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -187,6 +188,60 @@ class FeatureStore:
             self.ensure(stale, progress=False)
         rows = [self._feats[p] for p in paths]
         return [torch.stack([r[j] for r in rows]).float() for j in range(len(rows[0]))]
+
+
+def stale_cache_files(folder: str | Path | None = None) -> list[tuple[Path, str]]:
+    """Files under the feature cache folder (default ``cache_dir()/features``) that no current run reads, with the
+    reason: stores of the earlier path-keyed format (``<key>.safetensors`` without this format's metadata, and
+    their ``<key>.json`` index), damaged store files (a current run would rebuild them anyway) and temp files of
+    interrupted writes.  Current-format stores are never listed: which keys a future run needs cannot be known."""
+    folder = Path(folder) if folder is not None else assets.cache_dir() / "features"
+    if not folder.is_dir():
+        return []
+    found: list[tuple[Path, str]] = []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file():
+            continue
+        if path.suffix == ".safetensors":
+            try:
+                fmt = (verify_safetensors(path).get("__metadata__") or {}).get("format")
+            except DamagedFileError as exc:
+                found.append((path, f"damaged ({str(exc).split(': ', 1)[-1]})"))
+                continue
+            if fmt != CACHE_FORMAT:
+                found.append((path, f"earlier cache format ({fmt or 'path-keyed'})"))
+        elif path.suffix == ".json":
+            found.append((path, "index of the earlier path-keyed format"))
+        elif path.suffix == ".tmp":
+            found.append((path, "temp file of an interrupted write"))
+    return found
+
+
+def prune_cache(folder: str | Path | None = None, *, dry_run: bool = False) -> tuple[list[tuple[Path, str]], int]:
+    """Delete :func:`stale_cache_files` (``dry_run``: only list them); returns (the files, their bytes).  Each file
+    is removed holding its store's lock (the lock a saving run holds while it writes its temp file and renames
+    it), so nothing a running writer is using goes; a file whose lock is busy is kept and left out."""
+    from filelock import FileLock, Timeout
+
+    removed: list[tuple[Path, str]] = []
+    total = 0
+    for path, reason in stale_cache_files(folder):
+        # Only files of this format can have a writer now: <key>.safetensors (damaged) and <key>.safetensors.<pid>.tmp
+        ours = ".safetensors" in path.name and not reason.startswith("earlier")
+        store = path.with_name(path.name.split(".", 1)[0] + ".safetensors")
+        lock = FileLock(str(store) + ".lock", timeout=1) if ours else contextlib.nullcontext()
+        try:
+            with lock:
+                if not path.exists():
+                    continue
+                size = path.stat().st_size
+                if not dry_run:
+                    path.unlink()
+        except Timeout:
+            continue  # a run is saving that store right now
+        removed.append((path, reason))
+        total += size
+    return removed, total
 
 
 class FeatureCache:

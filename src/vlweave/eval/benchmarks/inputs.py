@@ -2,9 +2,9 @@
 
 :func:`load_benchmark` reads a benchmark's released files with the readers of :mod:`.readers`, builds every prompt
 with the convention of methods.md §0.8 (the prompt builders below) and pairs it with the ground-truth record its
-scorer takes.  Nothing here loads a model; images are checked to exist (or, for MMBench, kept as base64 and decoded
-in memory when a batch needs them), so bad input fails before the slow part with a message naming the file and
-record.
+scorer takes.  Nothing here loads a model; every selected question's image is decoded in full first (files, and
+MMBench's base64 images, which stay base64 until a batch needs them), so bad input fails before the slow part with a
+message naming the file and record.
 
 Expected ``--data`` layouts are in :data:`DATA_LAYOUTS` (also shown by ``vlweave eval --help`` and docs/eval.md).
 """
@@ -231,8 +231,26 @@ def _load_mme(data: Path, image_folder: str | None) -> BenchmarkInputs:
     return BenchmarkInputs("mme", items, None, {"questions": str(data)})
 
 
+def _decode_mmbench_images(items: Sequence[Question], source: Path) -> None:
+    """Every distinct base64 image of the selected MMBench questions decodes in full (pixels, not only the header),
+    in parallel and cached by content, before any model is loaded; one error names the file and every row."""
+    from vlweave.data.images import verify_image_data
+
+    prefix = f"{source}: "
+    entries = []
+    for item in items:
+        record = item.meta["record"]
+        where = record.source[len(prefix):] if record.source.startswith(prefix) else record.source
+        entries.append((where, record.image_b64, lambda r=record: _decode_b64(r.image_b64 or "", r.source)))
+    try:
+        verify_image_data(entries, source)
+    except DataError as exc:
+        raise BenchmarkDataError(str(exc)) from None
+
+
 def _check_mmbench_images(records: Sequence[MMBenchRecord]) -> None:
-    """Every distinct base64 image decodes and has a picture header (pixels are decoded later, batch by batch)."""
+    """Every distinct base64 image of the file decodes and has a picture header: cheap, for every row (the
+    selected rows are then decoded in full by :func:`_decode_mmbench_images`)."""
     import io
 
     from PIL import Image
@@ -346,4 +364,6 @@ def load_benchmark(benchmark: str, data: str | Path, *, image_folder: str | Path
     if not inputs.items:
         raise BenchmarkDataError(f"{data_path}: no questions")
     _decode_images(inputs.items, data_path)  # the selected questions' images, before any model is loaded
+    if benchmark == "mmbench":
+        _decode_mmbench_images(inputs.items, _question_file(data_path))
     return inputs
