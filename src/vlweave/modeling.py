@@ -507,6 +507,9 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel, GenerationMixin):
             context = VlweaveContext.for_batch((input_ids == self.config.image_token_id).any(dim=1).tolist())
         visual = {"pixel_values": pixel_values, "vision_features": vision_features,
                   "pixel_values_videos": pixel_values_videos}
+        # The <image> placeholder is not text: generating it would make the next step ask for an image that does
+        # not exist (an untrained or perturbed model can pick it).
+        generate_kwargs.setdefault("suppress_tokens", [int(self.config.image_token_id)])
         out = super().generate(input_ids=input_ids, attention_mask=attention_mask, context=context,
                                **{k: v for k, v in visual.items() if v is not None}, **generate_kwargs)
         return out[:, input_ids.shape[1]:]

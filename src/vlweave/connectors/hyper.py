@@ -151,7 +151,7 @@ class HyperVisualConnector(Connector):
         if not self._call.get("active"):
             return
         (x,) = args[:1]
-        g = self.guidance(x)
+        g = self.guidance(x) if self.expert.dynamic else None
         self._call["weights"] = {site: self.expert.generate(site, g) for site in self.expert.sites}
         self._call["x"] = x
 
@@ -190,9 +190,7 @@ _DEEP = {"num_hidden_layers": 6}
     ContractExample(name="hyper_mlp2x_gelu", options={"zero_init": False, "bottleneck": 4, "embed_dim": 8}),
     ContractExample(name="hyper_dense_dci", vision_overrides=_DEEP,
                     options={"zero_init": False, "placement": "both", "groups": 2, "standardize": True,
-                             "bottleneck": 4, "embed_dim": 8, "share_hypernetwork": False}),
-    ContractExample(name="hyper_mlp3x_gelu", vision="dinov2", select_strategy="full",
-                    options={"zero_init": False, "placement": "ev2", "pool": 2, "guidance_pool": "max",
+                             "bottleneck": 4, "embed_dim": 8, "share_hypernetwork": False, "guidance_pool": "max",
                              "hyper_activation": "gelu"}),
 ))
 def _hyper(spec: ConnectorSpec, name: str) -> Connector:

@@ -53,6 +53,9 @@ class HyperExpertOptions:
     share_hypernetwork: bool = True  # one H per adapter shape, shared by the sites of that shape
     zero_init: bool = True  # generated shift and static up-projection start at zero: a no-op expert
     scale: float = 1.0  # multiplies the expert's output
+    # False: the same adapter in the same places with static weights only (no encoder, no HyperNetwork, no
+    # guidance): the "same parameter count, not dynamic" baseline (vlweave.hyper.matching sizes its bottleneck).
+    dynamic: bool = True
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,8 @@ class DynamicExpert(nn.Module):
         self.options = options
         self.sites = {name: (int(i), int(o)) for name, (i, o) in sites.items()}
         r = options.bottleneck
-        self.encoders = nn.ModuleDict({n: nn.Linear(guidance_dim, options.embed_dim) for n in self.sites})
+        self.encoders = nn.ModuleDict({n: nn.Linear(guidance_dim, options.embed_dim) for n in self.sites}
+                                      if options.dynamic else {})
         self.static_down = nn.ParameterDict()
         self.static_up = nn.ParameterDict()
         for name, (i, o) in self.sites.items():
@@ -111,7 +115,7 @@ class DynamicExpert(nn.Module):
                 nn.init.kaiming_uniform_(up, a=math.sqrt(5))
             self.static_down[name] = nn.Parameter(down)
             self.static_up[name] = nn.Parameter(up)
-        self.hypernet_of = {n: self._hyper_key(n) for n in self.sites}
+        self.hypernet_of = {n: self._hyper_key(n) for n in self.sites} if options.dynamic else {}
         self.hypernets = nn.ModuleDict()
         for name, key in self.hypernet_of.items():
             if key not in self.hypernets:
@@ -127,15 +131,26 @@ class DynamicExpert(nn.Module):
 
     # ---- facts -----------------------------------------------------------------------------------------
     def generated_numel(self, site: str | None = None) -> int:
-        """Generated adapter weights per sample (one site, or all): ``r * (in + out)`` each."""
+        """Generated adapter weights per sample (one site, or all): ``r * (in + out)`` each; 0 when static."""
+        if not self.options.dynamic:
+            return 0
         names = [site] if site is not None else list(self.sites)
         return sum(self.options.bottleneck * sum(self.sites[n]) for n in names)
 
     # ---- the computation -------------------------------------------------------------------------------
-    def generate(self, site: str, guidance: torch.Tensor) -> GeneratedAdapters:
-        """Per-sample adapter weights of ``site`` from guidance ``[B, guidance_dim]`` (Eqs. 2-4)."""
+    @property
+    def dynamic(self) -> bool:
+        return self.options.dynamic
+
+    def generate(self, site: str, guidance: torch.Tensor | None) -> GeneratedAdapters:
+        """Per-sample adapter weights of ``site`` from guidance ``[B, guidance_dim]`` (Eqs. 2-4); a static expert
+        (``dynamic: false``) returns its weights with a batch axis of 1 and needs no guidance."""
         i, o = self.sites[site]
         r = self.options.bottleneck
+        if not self.options.dynamic:
+            return GeneratedAdapters(down=self.static_down[site].unsqueeze(0), up=self.static_up[site].unsqueeze(0))
+        if guidance is None:
+            raise ValueError("a dynamic expert needs guidance")
         encoder = self.encoders[site]
         e = encoder(guidance.to(encoder.weight.dtype))
         theta = self.hypernets[self.hypernet_of[site]](e)  # [B, r*(i+o)]
@@ -149,8 +164,12 @@ class DynamicExpert(nn.Module):
         """``scale * W_up . act(W_down . x)`` per sample: ``x`` ``[B, T, in]`` -> ``[B, T, out]`` (Eq. 5)."""
         down = weights.down.to(x.dtype)
         up = weights.up.to(x.dtype)
-        hidden = _ACTIVATIONS[self.options.activation](torch.bmm(x, down.transpose(1, 2)))
-        out = torch.bmm(hidden, up.transpose(1, 2))
+        if down.shape[0] == 1 and x.shape[0] != 1:  # static weights: one matmul for the whole batch
+            hidden = _ACTIVATIONS[self.options.activation](x @ down[0].t())
+            out = hidden @ up[0].t()
+        else:
+            hidden = _ACTIVATIONS[self.options.activation](torch.bmm(x, down.transpose(1, 2)))
+            out = torch.bmm(hidden, up.transpose(1, 2))
         return out if self.options.scale == 1.0 else out * self.options.scale
 
     def forward(self, site: str, guidance: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -118,7 +118,7 @@ class LanguageExpert(LMModule):
                              f"has {n} blocks)")
         self.layer_indices = sorted({i % n for i in layers})
         early = [i for i in self.layer_indices if i <= self.guidance_index]
-        if early:
+        if early and opts.dynamic:
             raise ValueError(f"option 'layers' = {list(layers)}: the expert blocks must come after the guidance "
                              f"block (option 'guidance_layer' = {self.guidance_index}), i.e. lie in "
                              f"[{self.guidance_index + 1}, {n}); blocks {early} do not")
@@ -138,9 +138,14 @@ class LanguageExpert(LMModule):
         # twice), and a deepcopy of the model still maps it to the copy (a closure would keep the original).
         self._model = (model,)
         model.register_prefill_hook(self.spec.name, self._prefill)
-        self._handles.append(layers[self.guidance_index].register_forward_hook(self._after_guidance_block))
+        if self.options.dynamic:  # a static adapter (the same-size baseline) needs no guidance
+            self._handles.append(layers[self.guidance_index].register_forward_hook(self._after_guidance_block))
         for i in self.layer_indices:
-            norm, ffn, add_to = ffn_sites(layers[i], i)
+            try:
+                norm, ffn, add_to = ffn_sites(layers[i], i)
+            except ValueError as err:
+                raise ValueError(f"lm module {self.spec.name!r} ({type(model.language_model).__name__}): {err}") \
+                    from None
             if self.options.adapter_input == "residual":
                 self._handles.append(norm.register_forward_pre_hook(partial(self._capture_input, i)))
             else:
@@ -168,9 +173,12 @@ class LanguageExpert(LMModule):
         prompt = getattr(context, "prompt_mask", None)
         if self.options.guidance_tokens == "prompt" and prompt is not None:
             mask = mask & prompt.to(mask.device).bool()
-        context.guidance[self.spec.name] = SequenceGuidance(
+        state = SequenceGuidance(
             mask=mask, attention_mask=None if attention_mask is None else attention_mask.detach().clone(),
             embeds=embeds.detach())
+        if not self.options.dynamic:
+            state.vector, state.weights = torch.zeros(0), {}
+        context.guidance[self.spec.name] = state
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Guidance ``[B, D]`` from the guidance block's output ``[B, L, D]`` over the prompt mask ``[B, L]``."""
@@ -186,6 +194,7 @@ class LanguageExpert(LMModule):
         state = self._state()
         if state.vector is not None:
             return
+
         hidden = output[0] if isinstance(output, tuple) else output
         if hidden.shape[1] != state.mask.shape[1]:
             raise ValueError(f"lm module {self.spec.name!r}: the prompt forward has {state.mask.shape[1]} tokens, "
