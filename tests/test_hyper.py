@@ -223,6 +223,42 @@ def test_language_expert_sits_in_exactly_the_configured_blocks(tmp_path, languag
         assert all(differs[i] for i in layers)
 
 
+@pytest.mark.parametrize("language,adapter_input", [("llama", "residual"), ("llama", "normed"),
+                                                    ("gemma3_text", "residual")])
+def test_language_expert_is_parallel_to_the_ffn(tmp_path, language, adapter_input):
+    """Eq. 7 on a real block: output = x_L + FFN(norm(x_L)) + E(x_L) (``normed``: E reads norm(x_L))."""
+    from vlweave.language.hyper_expert import ffn_sites
+    from vlweave.language.modules import decoder_layers
+
+    options = {**SMALL, "layers": [2], "guidance_layer": 1, "adapter_input": adapter_input}
+    cfg = hyper_run(tmp_path, language=language, connector="mlp2x_gelu",
+                    modules=[LMModuleConfig(type="hyper_expert", name="language_expert", options=options)])
+    model, tok = build_model(cfg)
+    perturb(model)
+    model.eval()
+    block = decoder_layers(model.language_model)[2]
+    norm, ffn, add_to = ffn_sites(block, 2)
+    seen = {}
+    hooks = [norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("x_L", a[0])),
+             ffn.register_forward_pre_hook(lambda m, a: seen.__setitem__("normed", a[0])),
+             add_to.register_forward_hook(lambda m, a, o: seen.__setitem__("ffn", o), prepend=True),  # before ours
+             block.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o[0] if isinstance(o, tuple) else o))]
+    batch = make_batch(model, tok, cfg, 2)
+    context = VlweaveContext.for_batch([True, True])
+    try:
+        with torch.no_grad():
+            model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}, context=context)
+    finally:
+        for h in hooks:
+            h.remove()
+    expert = model.lm_modules["language_expert"].expert
+    vector = context.guidance["language_expert"].vector
+    x = seen["x_L"] if adapter_input == "residual" else seen["normed"]
+    with torch.no_grad():
+        expected = seen["x_L"] + seen["ffn"] + expert("2", vector, x)
+    torch.testing.assert_close(seen["out"], expected, atol=1e-5, rtol=1e-5)
+
+
 # ---- guidance: once per sequence, from the prompt, never from padding ------------------------------------------
 
 
@@ -462,6 +498,17 @@ def test_presets_load_and_declare_the_recipe():
     policies = {n: RunConfig.load(preset_path(n)).train.stages[1].tune["language"]
                 for n in ("hyperllava", "hyperllava-llm-frozen", "hyperllava-llm-lora")}
     assert policies == {"hyperllava": "full", "hyperllava-llm-frozen": "frozen", "hyperllava-llm-lora": "lora"}
+    # The comparison rows: the same stages and LM policy (frozen), differing only beside the connector.
+    rows = {n: RunConfig.load(preset_path(f"hyper-compare-{n}")) for n in
+            ("static", "visual", "language", "both", "static-adapter", "lora", "dci")}
+    assert {n: (c.connector.type, [m.options for m in c.language.modules], c.train.stages[1].tune.get("language"))
+            for n, c in rows.items()} == {
+        "static": ("mlp2x_gelu", [], "frozen"), "visual": ("hyper_mlp2x_gelu", [], "frozen"),
+        "language": ("mlp2x_gelu", [{}], "frozen"), "both": ("hyper_mlp2x_gelu", [{}], "frozen"),
+        "static-adapter": ("hyper_mlp2x_gelu", [{"dynamic": False, "bottleneck": 118}], "frozen"),
+        "lora": ("mlp2x_gelu", [], "lora"), "dci": ("hyper_dense_dci", [{}], "frozen")}
+    assert rows["static-adapter"].connector.options["bottleneck"] == 1086 and rows["lora"].train.lora.r == 13
+    assert len({(c.train.stages[0].max_steps, c.train.stages[1].max_steps, c.eval.limit) for c in rows.values()}) == 1
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
