@@ -198,7 +198,8 @@ def test_visual_expert_placement_on_the_projector(tmp_path, placement):
 
 
 @pytest.mark.parametrize("language,layers,guidance", [("llama", [2, 3], 1), ("qwen2", [3], 2),
-                                                       ("gemma3_text", [2], 0)])
+                                                       ("gemma3_text", [2], 0), ("llama", [0, 1, 2, 3], 1),
+                                                       ("qwen2", [1], 2)])
 def test_language_expert_sits_in_exactly_the_configured_blocks(tmp_path, language, layers, guidance):
     options = {**SMALL, "layers": layers, "guidance_layer": guidance}
     cfg = hyper_run(tmp_path, language=language, connector="mlp2x_gelu",
@@ -219,8 +220,8 @@ def test_language_expert_sits_in_exactly_the_configured_blocks(tmp_path, languag
     differs = [not torch.allclose(h, r, atol=1e-6) for h, r in zip(hs[1:], ref[1:])]
     first = min(layers)
     assert differs == [i >= first for i in range(4)], differs
-    if len(layers) > 1 or layers[0] != 3:  # a block without an expert after one with: its delta is only inherited
-        assert all(differs[i] for i in layers)
+    expert = hyper.lm_modules["language_expert"]
+    assert expert.separate_pass == (first <= guidance)  # blocks at/before the guidance block: a guidance pass first
 
 
 @pytest.mark.parametrize("language,adapter_input", [("llama", "residual"), ("llama", "normed"),
@@ -262,9 +263,14 @@ def test_language_expert_is_parallel_to_the_ffn(tmp_path, language, adapter_inpu
 # ---- guidance: once per sequence, from the prompt, never from padding ------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "llama-all-blocks"])
 def perturbed(request, tmp_path_factory):
-    cfg = hyper_run(tmp_path_factory.mktemp(f"gen-{request.param}"), language=request.param)
+    language = request.param.removesuffix("-all-blocks")
+    modules = None
+    if request.param.endswith("-all-blocks"):  # experts in every block: the guidance comes from a separate pass
+        modules = [LMModuleConfig(type="hyper_expert", name="language_expert",
+                                  options={**SMALL, "layers": [0, 1, 2, 3], "guidance_layer": 1})]
+    cfg = hyper_run(tmp_path_factory.mktemp(f"gen-{request.param}"), language=language, modules=modules)
     torch.manual_seed(0)
     model, tok = build_model(cfg)
     perturb(model, std=0.3)
@@ -517,9 +523,7 @@ def test_presets_load_and_declare_the_recipe():
 @pytest.mark.parametrize("options,match", [
     ({"guidance_layer": 4}, r"option 'guidance_layer' = 4: needs a decoder block index in \[-4, 4\) \(the LM has 4"),
     ({"layers": [1, 9]}, r"option 'layers' = \[1, 9\]: needs decoder block indices in \[-4, 4\)"),
-    ({"layers": [1, 3], "guidance_layer": 1}, r"option 'layers' = \[1, 3\]: the expert blocks must come after the "
-                                               r"guidance block \(option 'guidance_layer' = 1\), i.e. lie in \[2, 4\); "
-                                               r"blocks \[1\] do not"),
+    ({"layers": []}, r"option 'layers' = \[\]: needs decoder block indices in \[-4, 4\)"),
     ({"bottleneck": 0}, r"option 'bottleneck' must be >= 1, got 0"),
     ({"embed_dim": 0}, r"option 'embed_dim' must be >= 1, got 0"),
     ({"guidance_pool": "median"}, r"option 'guidance_pool' must be one of 'mean', 'last'"),

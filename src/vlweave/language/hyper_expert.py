@@ -11,8 +11,9 @@ Options (:class:`LanguageExpertOptions`; defaults are the paper's or, where it i
 - ``layers`` (decoder block indices, negatives from the top; default ``None`` = the posterior half,
   ``n//2 .. n-1``: blocks 17-32 of 32, Table 3's best);
 - ``guidance_layer`` (default ``None`` = ``n//2 - 1``, the output of the middle block: "½ Layers" of Fig. 3, block
-  16 of 32).  Every expert block must come after it: the guidance is computed in the same forward, when that block
-  has run (the paper's "all 32 blocks" ablation would need a second pass over the prompt; not built);
+  16 of 32).  When every expert block comes after it, the guidance is taken in the same forward, when that block
+  has run; when some come before or at it (Table 3's "anterior 16" and "all 32"), a separate pass over the prompt
+  up to the guidance block, with the experts off, computes it first (once per sequence, like the rest);
 - ``guidance_pool`` (``mean`` over the prompt's tokens, or ``last``: the prompt's last token);
 - ``guidance_tokens`` (``prompt``: the attended tokens before each row's first supervised token in training --
   exactly what generation sees at prefill, so training and decoding agree; ``all``: every attended token, the
@@ -53,6 +54,10 @@ class LanguageExpertOptions(HyperExpertOptions):
     guidance_pool: Literal["mean", "last"] = "mean"
     guidance_tokens: Literal["prompt", "all"] = "prompt"
     adapter_input: Literal["residual", "normed"] = "residual"
+
+
+class _GuidanceReady(Exception):
+    """Raised by the guidance block's hook to end the separate guidance pass early."""
 
 
 @dataclass
@@ -117,16 +122,15 @@ class LanguageExpert(LMModule):
             raise ValueError(f"option 'layers' = {list(layers)}: needs decoder block indices in [{-n}, {n}) (the LM "
                              f"has {n} blocks)")
         self.layer_indices = sorted({i % n for i in layers})
-        early = [i for i in self.layer_indices if i <= self.guidance_index]
-        if early and opts.dynamic:
-            raise ValueError(f"option 'layers' = {list(layers)}: the expert blocks must come after the guidance "
-                             f"block (option 'guidance_layer' = {self.guidance_index}), i.e. lie in "
-                             f"[{self.guidance_index + 1}, {n}); blocks {early} do not")
+        # Expert blocks at or before the guidance block need the guidance before the forward reaches them: it is
+        # then computed by a separate pass over the prompt up to the guidance block, with the experts off.
+        self.separate_pass = opts.dynamic and self.layer_indices[0] <= self.guidance_index
         d = spec.hidden_size
         self.expert = DynamicExpert({str(i): (d, d) for i in self.layer_indices}, guidance_dim=d, options=opts)
         self._captured: dict[int, torch.Tensor] = {}  # x_L between the pre-hook and the add hook of one block
         self._model: tuple[Any, ...] = ()  # (the model,) once attached
         self.guidance_computations = 0  # how many times a guidance vector was pooled (tests count it)
+        self._in_guidance_pass = False
 
     # ---- installation ----------------------------------------------------------------------------------
     def attach(self, model: Any) -> None:
@@ -179,6 +183,26 @@ class LanguageExpert(LMModule):
         if not self.options.dynamic:
             state.vector, state.weights = torch.zeros(0), {}
         context.guidance[self.spec.name] = state
+        if self.separate_pass:
+            self._guidance_pass(model, embeds, attention_mask)
+
+    def _guidance_pass(self, model: Any, embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Run the decoder over the prompt up to the guidance block (experts off), which fills the guidance.
+        Positions come from the mask (as generation makes them), so a left-padded row sees what it sees alone."""
+        if attention_mask is None:
+            attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        self._in_guidance_pass = True
+        try:
+            model.language_model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                               position_ids=position_ids, use_cache=False)
+        except _GuidanceReady:
+            pass
+        finally:
+            self._in_guidance_pass = False
+        if self._state().vector is None:
+            raise ValueError(f"lm module {self.spec.name!r}: the guidance pass did not reach block "
+                             f"{self.guidance_index}")
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Guidance ``[B, D]`` from the guidance block's output ``[B, L, D]`` over the prompt mask ``[B, L]``."""
@@ -201,6 +225,8 @@ class LanguageExpert(LMModule):
                              f"the guidance block gave {hidden.shape[1]}")
         state.vector = self.pool(hidden, state.mask)
         state.weights = {}
+        if self._in_guidance_pass:
+            raise _GuidanceReady  # the rest of the pass is not needed
 
     # ---- the experts -----------------------------------------------------------------------------------
     def _capture_input(self, index: int, module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -208,6 +234,8 @@ class LanguageExpert(LMModule):
 
     def _add_expert(self, index: int, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         x = self._captured.pop(index)
+        if self._in_guidance_pass:
+            return output  # the guidance pass runs the LM without experts
         state = self._state()
         if state.vector is None or state.weights is None:
             raise ValueError(f"lm module {self.spec.name!r}: expert block {index} ran before the guidance block "
