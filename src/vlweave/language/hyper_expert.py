@@ -167,6 +167,10 @@ class LanguageExpert(LMModule):
         return entry
 
     def _prefill(self, model: Any, context: Any, embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        if torch.is_grad_enabled() and getattr(model.language_model, "is_gradient_checkpointing", False):
+            # A recomputed block would reuse the per-sequence weights generated in the first pass.
+            raise ValueError(f"lm module {self.spec.name!r}: training with gradient checkpointing of the LM is not "
+                             "supported by the language expert; disable it")
         current = context.guidance.get(self.spec.name)
         if isinstance(current, SequenceGuidance) and current.extends(embeds, attention_mask):
             return  # the same prompt again, longer (uncached generation): keep its guidance
