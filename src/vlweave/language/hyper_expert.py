@@ -82,13 +82,6 @@ class SequenceGuidance:
         return torch.equal(embeds[:, :n], self.embeds)
 
 
-# (capture module, add-to module, which tensor of the capture module is x_L) per decoder block style.
-_STYLES = {
-    "gemma": ("pre_feedforward_layernorm", "post_feedforward_layernorm"),
-    "llama": ("post_attention_layernorm", "mlp"),
-}
-
-
 def ffn_sites(layer: nn.Module, index: int) -> tuple[nn.Module, nn.Module, nn.Module]:
     """``(norm before the FFN, FFN, module whose output the expert is added to)`` of a decoder block."""
     if all(hasattr(layer, a) for a in ("pre_feedforward_layernorm", "post_feedforward_layernorm", "mlp")):
@@ -167,7 +160,11 @@ class LanguageExpert(LMModule):
         return entry
 
     def _prefill(self, model: Any, context: Any, embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        if torch.is_grad_enabled() and getattr(model.language_model, "is_gradient_checkpointing", False):
+        lm = model.language_model
+        checkpointing = getattr(lm, "is_activation_checkpointing", None)  # transformers >= 5 name
+        if checkpointing is None:
+            checkpointing = getattr(lm, "is_gradient_checkpointing", False)
+        if torch.is_grad_enabled() and checkpointing:
             # A recomputed block would reuse the per-sequence weights generated in the first pass.
             raise ValueError(f"lm module {self.spec.name!r}: training with gradient checkpointing of the LM is not "
                              "supported by the language expert; disable it")
@@ -179,7 +176,7 @@ class LanguageExpert(LMModule):
         if attention_mask is not None:
             mask = mask & attention_mask.bool()
         prompt = getattr(context, "prompt_mask", None)
-        if self.options.guidance_tokens == "prompt" and prompt is not None:
+        if self.options.guidance_tokens == "prompt" and prompt is not None and prompt.shape == mask.shape:
             mask = mask & prompt.to(mask.device).bool()
         state = SequenceGuidance(
             mask=mask, attention_mask=None if attention_mask is None else attention_mask.detach().clone(),
