@@ -562,3 +562,28 @@ def test_bad_visual_expert_input(tmp_path, connector, options, match):
         spec = dataclasses.replace(spec, vision_hidden_size=spec.text_hidden_size)
     with pytest.raises(ValueError, match=match):
         build_connector(connector, spec)
+
+
+def test_visual_expert_wraps_a_multi_tower_connector_and_processors_see_the_inner_one(tmp_path):
+    """``hyper_tower_concat``: the expert on a connector over two named towers (its tower layers, cache signature
+    and token count are the inner connector's); a processor made from the config alone expands <image> alike."""
+    from vlweave.config import VisionConfig
+    from vlweave.processor import VlweaveProcessor
+
+    cfg = hyper_run(tmp_path, connector="hyper_tower_concat", modules=[])
+    cfg.towers = {"second": VisionConfig(name="siglip_vision_model", image_size=32, random_init=True, select_layer=-2,
+                                         config_overrides={"hidden_size": 24, "intermediate_size": 48,
+                                                           "num_hidden_layers": 2, "num_attention_heads": 2,
+                                                           "patch_size": 8, "image_size": 32})}
+    model, tok = build_model(cfg)
+    conn = model.connector
+    assert set(conn.tower_layers()) == {"base", "second"} and conn.expert.sites == {"ev1": (32 + 24, 64)}
+    assert conn.prepare_signature("second") == conn.inner.prepare_signature("second")
+    processor = VlweaveProcessor.from_config(model.config, tok)
+    assert processor.num_image_tokens == model.num_image_tokens == conn.inner.num_tokens()
+    pixels = {name: pixels_for(model, 2) for name in ("base", "second")}
+    with torch.no_grad():
+        before = conn(model.tower_features(pixels)).tokens
+        perturb(model)
+        after = conn(model.tower_features(pixels)).tokens
+    assert before.shape == after.shape == (2, model.num_image_tokens, 64) and not torch.allclose(before, after)
