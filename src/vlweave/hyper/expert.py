@@ -19,6 +19,9 @@ unshared, ``H``'s output layer alone is ``hyper_hidden x P`` per site).  The gen
 with experts is the static model at initialisation (methods.md §3b, ASSUMPTION; ``zero_init: false`` draws both
 small and random instead, e.g. for an ablation or a test that needs every parameter to move on step one).
 
+``dynamic: false`` keeps only the static weights (no encoder, no HyperNetwork, no guidance): the same adapter in the
+same places, the baseline that separates "dynamic" from "more parameters" (:mod:`vlweave.hyper.matching`).
+
 The adapter has no biases (Eq. 5 writes none).  Its activation is SiLU/Swish by default: the paper's text says
 "SwiGLU", describes GELU and cites Swish (Ramachandran et al.); an elementwise activation is the only reading that
 needs no third generated matrix (``activation`` picks another).
