@@ -587,3 +587,46 @@ def test_visual_expert_wraps_a_multi_tower_connector_and_processors_see_the_inne
         perturb(model)
         after = conn(model.tower_features(pixels)).tokens
     assert before.shape == after.shape == (2, model.num_image_tokens, 64) and not torch.allclose(before, after)
+
+
+def test_lmms_eval_loglikelihood_scores_the_continuation_with_the_prompts_guidance(tmp_path):
+    """The plugin scores prompt + continuation in one forward; the guidance must be the prompt's alone, i.e. what
+    a generation would have used: the same log-probs as feeding the continuation through the KV cache."""
+    from helpers import draw_image
+    from vlweave.builder import save_checkpoint
+    from vlweave.integrations import lmms_eval as plugin
+    from PIL import Image
+
+    class Request:
+        def __init__(self, *args):
+            self.args = args
+
+    cfg = hyper_run(tmp_path, language="qwen2")
+    model, tok = build_model(cfg)
+    perturb(model, std=0.3)
+    ckpt = save_checkpoint(model, tok, tmp_path / "ckpt")
+    docs = []
+    for i, color in enumerate(["red", "blue"]):
+        draw_image(color, "square", size=32).save(tmp_path / f"im{i}.png")
+        docs.append({"question": f"What color is it {i}?", "image": str(tmp_path / f"im{i}.png")})
+    lm = plugin.VlweaveLMM(pretrained=str(ckpt), batch_size=2)
+    lm.task_dict = {"t": {"test": docs}}
+    visual = lambda doc: [Image.open(doc["image"]).convert("RGB")]  # noqa: E731
+    conts = [" red circle", " blue"]
+    got = lm.loglikelihood([Request(d["question"], c, visual, i, "t", "test") for i, (d, c) in
+                            enumerate(zip(docs, conts))])
+    model, tok = load_checkpoint(ckpt)
+    model.eval()
+    for (value, _), doc, cont in zip(got, docs, conts):
+        prompt = lm.processor.encode_question(doc["question"], True, sample_id="x")
+        target = tok(cont, add_special_tokens=False)["input_ids"]
+        pixels = lm.processor.pixel_values([Image.open(doc["image"]).convert("RGB")])
+        ctx = VlweaveContext.for_batch([True])
+        ids = torch.tensor([prompt + target])
+        with torch.no_grad():  # prefill on the prompt, then the continuation as cached decode steps
+            out = model(input_ids=ids[:, :len(prompt)], pixel_values=pixels, use_cache=True, context=ctx)
+            rest = model(input_ids=ids[:, len(prompt):], past_key_values=out.past_key_values, use_cache=True,
+                         context=ctx)
+        logits = torch.cat([out.logits[:, -1:], rest.logits[:, :-1]], dim=1).float().log_softmax(-1)[0]
+        direct = float(logits.gather(-1, torch.tensor(target)[:, None]).sum())
+        assert value == pytest.approx(direct, abs=2e-4)  # with the continuation in the guidance: off by ~2e-3
