@@ -425,9 +425,10 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         cache = cache if cache is not None else past_key_values
-        if context is None and self._prefill_hooks and input_ids is not None:
+        if context is None and self._prefill_hooks:
             # A lone forward (no generate(), no collator) still gets a place for per-sequence state.
-            context = VlweaveContext.for_batch((input_ids == self.config.image_token_id).any(dim=1).tolist())
+            context = (VlweaveContext() if input_ids is None else
+                       VlweaveContext.for_batch((input_ids == self.config.image_token_id).any(dim=1).tolist()))
         previous, self.active_context = self.active_context, context
         try:
             return self._forward(input_ids, attention_mask, pixel_values, vision_features, pixel_values_videos,
