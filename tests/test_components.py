@@ -163,8 +163,8 @@ def test_lm_module_declarations_are_checked(tmp_path):
         cfg.language.modules = list(modules)
         return build_model(cfg)[0]
 
-    with pytest.raises(ValueError, match=r"unknown LM-side module type 'hyper_expert'; known: \[.*'block_adapter'"):
-        build(LMModuleConfig(type="hyper_expert"))
+    with pytest.raises(ValueError, match=r"unknown LM-side module type 'no_such_module'; known: \[.*'block_adapter'"):
+        build(LMModuleConfig(type="no_such_module"))
     with pytest.raises(ValueError, match=r"name 'block_adapter' used twice"):
         build(ADAPTER, ADAPTER)
     with pytest.raises(ValueError, match=r"name 'language' must be an identifier other than"):

@@ -27,6 +27,10 @@ class VlweaveContext:
     text_input_ids: list[list[int]] | None = None  # per sample: a declared text encoder's token ids
     routing: list[Any] | None = None  # per image: routing bits read from the data (record field ``routing``)
     guidance: dict[str, Any] = field(default_factory=dict)  # written inside the model (prefill hooks)
+    # [B, L] bool: the prompt's tokens of the running forward -- the attended tokens before each row's first
+    # supervised label.  Set by the model's forward when labels are given (training), so that guidance pooled
+    # "over the prompt" sees in training exactly what generation sees at prefill; None = every attended token.
+    prompt_mask: torch.Tensor | None = None
 
     @classmethod
     def for_batch(cls, has_image: Sequence[bool], texts: Sequence[Sequence[str]] | None = None,
@@ -54,6 +58,8 @@ class VlweaveContext:
         """Move the tensors (accelerate's ``send_to_device`` calls this); returns ``self``."""
         if self.image_rows is not None:
             self.image_rows = self.image_rows.to(device, non_blocking=non_blocking)
+        if self.prompt_mask is not None:
+            self.prompt_mask = self.prompt_mask.to(device, non_blocking=non_blocking)
         return self
 
     def check(self, batch_size: int, num_images: int) -> None:

@@ -200,6 +200,7 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel, GenerationMixin):
             raise ValueError(f"connector {config.connector_type!r} needs tower(s) {sorted(unknown_towers)}; this "
                              f"model has {list(self.tower_specs)}")
         self._prefill_hooks: dict[str, PrefillHook] = {}
+        self.active_context: VlweaveContext | None = None  # the context of the forward now running (else None)
         # After the connector, so that adding a module leaves the connector's seeded init unchanged.
         self.lm_modules = nn.ModuleDict()
         for entry in config.lm_modules:
@@ -427,7 +428,24 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         cache = cache if cache is not None else past_key_values
+        if context is None and self._prefill_hooks:
+            # A lone forward (no generate(), no collator) still gets a place for per-sequence state.
+            context = (VlweaveContext() if input_ids is None else
+                       VlweaveContext.for_batch((input_ids == self.config.image_token_id).any(dim=1).tolist()))
+        previous, self.active_context = self.active_context, context
+        try:
+            return self._forward(input_ids, attention_mask, pixel_values, vision_features, pixel_values_videos,
+                                 labels, position_ids, cache, inputs_embeds, use_cache, context, logits_to_keep,
+                                 **kwargs)
+        finally:
+            self.active_context = previous
+
+    def _forward(self, input_ids, attention_mask, pixel_values, vision_features, pixel_values_videos, labels,
+                 position_ids, cache, inputs_embeds, use_cache, context, logits_to_keep, **kwargs: Any
+                 ) -> CausalLMOutputWithPast:
         aux: dict[str, torch.Tensor] = {}
+        if labels is not None and context is not None:
+            context.prompt_mask = prompt_mask(labels, attention_mask)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("forward needs input_ids or inputs_embeds")
@@ -493,9 +511,20 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel, GenerationMixin):
             context = VlweaveContext.for_batch((input_ids == self.config.image_token_id).any(dim=1).tolist())
         visual = {"pixel_values": pixel_values, "vision_features": vision_features,
                   "pixel_values_videos": pixel_values_videos}
+        # The <image> placeholder is not text: generating it would make the next step ask for an image that does
+        # not exist (an untrained or perturbed model can pick it).
+        generate_kwargs.setdefault("suppress_tokens", [int(self.config.image_token_id)])
         out = super().generate(input_ids=input_ids, attention_mask=attention_mask, context=context,
                                **{k: v for k, v in visual.items() if v is not None}, **generate_kwargs)
         return out[:, input_ids.shape[1]:]
+
+
+def prompt_mask(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, L]`` bool: the attended tokens before each row's first supervised label (the prompt a generation
+    would see at prefill); a row without supervised labels is all prompt."""
+    supervised = labels != IGNORE_INDEX
+    before = supervised.long().cumsum(dim=1) == 0
+    return before if attention_mask is None else before & attention_mask.bool()
 
 
 def _by_tower(value: Any) -> dict[str, Any]:

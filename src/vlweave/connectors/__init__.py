@@ -3,6 +3,7 @@
 from vlweave.connectors import mlp  # noqa: F401  (registers identity, linear, mlpNx_gelu, dense_*)
 from vlweave.connectors import multi  # noqa: F401  (registers tower_concat)
 from vlweave.connectors import mova  # noqa: F401  (registers mova, the MoV-Adapter)
+from vlweave.connectors import hyper  # noqa: F401  (registers the hyper_<inner> pattern: HyperLLaVA's visual expert)
 from vlweave.connectors.base import (
     Connector,
     ConnectorOutput,

@@ -175,6 +175,7 @@ class VlweaveLMM:
 
     def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
         """``(log P(continuation | context, image), is_greedy)`` per request, in request order."""
+        from vlweave.context import VlweaveContext
         from vlweave.data.collate import pad_batch
         from vlweave.eval.vqa import open_image
 
@@ -204,9 +205,18 @@ class VlweaveLMM:
                 pixels = self.processor.pixel_values([open_image(im) for im in images])
                 kwargs["pixel_values"] = {t: v.to(self._device) for t, v in pixels.items()}
             keep = max(len(c) for _, c, _ in chunk) + 1
+            # The prompt is what a generation would have seen at prefill: per-sequence state computed from "the
+            # prompt" (HyperLLaVA's language guidance) must not see the continuation being scored.
+            context = VlweaveContext.for_batch([image is not None for _, _, image in chunk])
+            prompt_mask = mask.bool().clone()
+            for r, (_, c, _) in enumerate(chunk):
+                if c:
+                    prompt_mask[r, prompt_mask.shape[1] - len(c):] = False
+            context.prompt_mask = prompt_mask.to(self._device)
             with torch.no_grad():
                 logits = self.model(input_ids=ids.to(self._device), attention_mask=mask.to(self._device),
-                                    position_ids=positions.to(self._device), logits_to_keep=keep, **kwargs).logits
+                                    position_ids=positions.to(self._device), logits_to_keep=keep, context=context,
+                                    **kwargs).logits
             logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # row k predicts the token at k+1
             for r, (_, c, _) in enumerate(chunk):
                 if not c:

@@ -87,6 +87,7 @@ def register_lm_module(name: str) -> Callable[[LMModuleFactory], LMModuleFactory
 
 def _register_builtins() -> None:
     from vlweave.language import block_adapter  # noqa: F401  (registers block_adapter)
+    from vlweave.language import hyper_expert  # noqa: F401  (registers hyper_expert: HyperLLaVA's language expert)
 
 
 def known_lm_modules() -> list[str]:
