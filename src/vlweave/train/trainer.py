@@ -3,6 +3,10 @@
 Readable top to bottom: build -> per stage (data, tune policy, optimizer, schedule) -> steps -> checkpoints.
 Determinism: the order of samples is a pure function of (seed, stage index, epoch), so a run resumed from any
 checkpoint sees the same batches and reproduces the uninterrupted loss curve.
+Distributed: model, optimizer, data and scheduler go through ``Accelerator.prepare`` each stage, so ``accelerate
+launch`` (DDP, FSDP, DeepSpeed) runs the same loop; the plan is the *global* batch (``batch_size`` per process x
+processes x ``grad_accum``), sharded by rank; only rank 0 writes.  The decisions around accelerate live in
+``train/distributed.py``.
 """
 
 from __future__ import annotations
@@ -19,8 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import send_to_device
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -32,6 +34,15 @@ from vlweave.context import VlweaveContext
 from vlweave.data.collate import pad_batch
 from vlweave.data.llava_json import Sample, load_llava_data
 from vlweave.hardware import bf16_available
+from vlweave.train.distributed import (
+    enable_gradient_checkpointing,
+    gather_rng_states,
+    is_sharded,
+    make_accelerator,
+    planned_loader,
+    set_rng_state,
+    share_feature_cache,
+)
 from vlweave.processing import IGNORE_INDEX, make_transform
 from vlweave.processor import VlweaveProcessor
 from vlweave.train.policy import (
@@ -58,14 +69,16 @@ def encode_samples(samples: list[Sample], processor: VlweaveProcessor, template:
     return out
 
 
-def step_start(ckpt, index: int, start_stage: int, start_step: int, stage: StageConfig) -> int:
-    """First micro-batch a stage will run: after the resumed step when resuming into this stage, else 0."""
-    return start_step * stage.grad_accum if ckpt is not None and index == start_stage else 0
+def step_start(ckpt, index: int, start_stage: int, start_step: int, stage: StageConfig, world: int = 1) -> int:
+    """First (global) micro-batch a stage will run: after the resumed step when resuming into this stage, else 0."""
+    return start_step * stage.grad_accum * world if ckpt is not None and index == start_stage else 0
 
 
-def plan_batches(n: int, stage: StageConfig, seed: int, index: int) -> tuple[int, list[list[int]]]:
-    """Deterministic micro-batch index lists for a stage: epochs of seeded permutations, concatenated."""
-    per_step = stage.batch_size * stage.grad_accum
+def plan_batches(n: int, stage: StageConfig, seed: int, index: int, world: int = 1) -> tuple[int, list[list[int]]]:
+    """Deterministic micro-batch index lists for a stage: epochs of seeded permutations, concatenated.
+    One optimizer step takes ``grad_accum * world`` consecutive micro-batches (``world`` processes; the prepared
+    loader gives micro-batch ``j`` to rank ``j % world``), so the plan depends on the global batch only."""
+    per_step = stage.batch_size * stage.grad_accum * world
     total = max(1, math.ceil(n * stage.epochs / per_step))
     if stage.max_steps is not None:
         total = min(total, stage.max_steps)
@@ -93,9 +106,13 @@ class Trainer:
         self.model, self.tokenizer = build_model(cfg)
         self.processor = VlweaveProcessor.from_model(self.model, self.tokenizer)
         self.transforms = self.processor.transforms
-        bf16 = cfg.train.bf16 and bf16_available()
-        self.accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
+        self.accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.bf16,
+                                            find_unused_parameters=cfg.train.find_unused_parameters)
+        self.is_main = self.accelerator.is_main_process  # only rank 0 writes checkpoints, logs, plots, exports
         self.model.to(self.accelerator.device)
+        if cfg.train.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model, cfg.train.gradient_checkpointing)
+        self._engine = None  # the model as prepared by accelerate for the current stage (DDP/FSDP/DeepSpeed wrapper)
         self.store: FeatureCache | None = None
         vision_trained = any(p != "frozen" for s in cfg.train.stages for c, p in s.tune.items()
                              if c == "vision" or c.startswith("vision."))
@@ -106,7 +123,8 @@ class Trainer:
         # store exactly these tensors (``trained_names``).
         self.trained: dict[str, set[str]] = {}
         self._legacy_trained: set[str] = set()  # tensor names from a checkpoint saved before components
-        cfg.save(self.run_dir / "config.yaml")
+        if self.is_main:
+            cfg.save(self.run_dir / "config.yaml")
 
     # ---- helpers --------------------------------------------------------------------------------------
     @staticmethod
@@ -192,22 +210,40 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     def save_state(self, stage_index: int, step: int, optimizer, scheduler) -> Path:
-        """Atomic checkpoint: trained tensors, optimizer, scheduler, RNG, metrics so far."""
+        """Atomic checkpoint: trained tensors, optimizer, scheduler, RNG, metrics so far.
+        Every rank calls it (RNG states are gathered); only rank 0 writes, except that a sharded engine (FSDP,
+        DeepSpeed) also saves its own state through ``accelerator.save_state`` (each rank its shards)."""
+        acc = self.accelerator
         name = f"ckpt-s{stage_index}-{step:06d}"
         final = self.run_dir / "checkpoints" / name
         tmp = final.with_name(name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        rngs = gather_rng_states(acc)  # every rank's, so that each resumed rank continues its own stream
+        sharded = is_sharded(acc)
+        if sharded:  # full tensors gathered from the shards (a collective)
+            tensors = acc.get_state_dict(self._engine)
+        else:
+            tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if sharded:
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp / "engine"))
+        if not self.is_main:
+            acc.wait_for_everyone()
+            return final
+        stage = self.cfg.train.stages[stage_index]
         names = self.trained_names
         state = {n: t.detach().cpu().contiguous() for n, t in tensors.items() if n in names}
         save_file(state, str(tmp / "trained.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(), "np_rng": np.random.get_state(), "py_rng": random.getstate()},
-                   tmp / "state.pt")
+        # (a sharded engine's optimizer and scheduler are in engine/, saved by accelerate)
+        engine_state = {} if sharded else {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        torch.save({**engine_state, **rngs[0], **({"ranks": rngs} if len(rngs) > 1 else {})}, tmp / "state.pt")
         (tmp / "progress.json").write_text(json.dumps(
             {"stage_index": stage_index, "step": step, "trained": sorted(names),
-             "components": {c: sorted(k) for c, k in self.trained.items()}, "metrics": self.metrics}))
+             "components": {c: sorted(k) for c, k in self.trained.items()}, "metrics": self.metrics,
+             "world_size": acc.num_processes, "batch_size": stage.batch_size,
+             "global_batch": stage.batch_size * stage.grad_accum * acc.num_processes}))
         if final.exists():  # re-saving a name (a resumed run's stage end): keep a complete copy at every moment
             old = final.with_name(name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -216,6 +252,7 @@ class Trainer:
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
+        acc.wait_for_everyone()
         return final
 
     @staticmethod
@@ -242,7 +279,12 @@ class Trainer:
                 self.trained = {c: set(k) for c, k in prog["components"].items()}
             else:  # saved before components: the tensor names themselves
                 self._legacy_trained = set(prog["trained"])
+        acc = self.accelerator
+        world = acc.num_processes
+        if ckpt is not None:
+            self._check_resume_batch(ckpt, prog, start_stage, world)
         t0 = time.time()
+        stopped_early = False
         for index, stage in enumerate(cfg.train.stages):
             if index < start_stage:
                 apply_tune_policy(self.model, stage, cfg.train.lora)  # same structure (LoRA) as the original run
@@ -252,33 +294,87 @@ class Trainer:
             if ckpt is not None and index == start_stage:
                 self._load_trained(ckpt)
             samples = self.stage_samples(index, stage)
-            total, mbs = plan_batches(len(samples), stage, cfg.train.seed, index)
-            first = step_start(ckpt, index, start_stage, start_step, stage)
+            total, mbs = plan_batches(len(samples), stage, cfg.train.seed, index, world)
+            first = step_start(ckpt, index, start_stage, start_step, stage, world)
             examples = self.encode_used(stage, samples, {i for mb in mbs[first:] for i in mb})
             if self.store is not None:
-                # Only the images this stage will actually see.
-                self.store.ensure([e["image"] for e in examples.values() if e["image"]], self.progress)
+                # Only the images this stage will actually see; built once, by rank 0.
+                self.store = share_feature_cache(acc, self.store, lambda: FeatureCache(self.model),
+                                                 [e["image"] for e in examples.values() if e["image"]],
+                                                 self.progress and self.is_main)
             optimizer = self._optimizer(stage)
             scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(stage.warmup_ratio * total), total)
             step = 0
-            if ckpt is not None and index == start_stage:
+            resuming = ckpt is not None and index == start_stage
+            if resuming:
                 state = torch.load(ckpt / "state.pt", weights_only=False)
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                torch.set_rng_state(state["rng"])
-                np.random.set_state(state["np_rng"])
-                random.setstate(state["py_rng"])
+                if "optimizer" in state:  # (sharded engines: loaded by accelerate after prepare)
+                    optimizer.load_state_dict(state["optimizer"])
+                    scheduler.load_state_dict(state["scheduler"])
+                ranks = state.get("ranks")
+                set_rng_state(ranks[acc.process_index] if ranks and len(ranks) == world else state)
                 step = start_step
             if ckpt is None and index == 0:
                 self.calibrate_connector(examples)
+            optimizer, loader, scheduler = self._prepare(stage, optimizer, planned_loader(examples, mbs[first:],
+                                                                                          self.collate), scheduler)
+            if resuming and is_sharded(acc):
+                acc.load_state(str(ckpt / "engine"))
             if step < total:
-                self._run_stage(index, stage, examples, mbs, total, step, optimizer, scheduler)
+                self._run_stage(index, stage, loader, total, step, optimizer, scheduler)
             self.save_state(index, total, optimizer, scheduler)
-        summary = {"train_seconds": time.time() - t0, "steps": len(self.metrics)}
-        self.export()
-        self.plot_loss()
-        (self.run_dir / "train_metrics.json").write_text(json.dumps({"summary": summary, "log": self.metrics}, indent=1))
+            self._unprepare()
+            if is_sharded(acc) and index + 1 < len(cfg.train.stages):
+                # FSDP/DeepSpeed wrap the model in place: a second stage (other trained parameters) cannot be
+                # prepared in the same process.  The stage-end checkpoint is there; --resume runs the next stage.
+                stopped_early = True
+                if self.is_main:
+                    print(f"stage {index} done under {acc.distributed_type.value}; run again with --resume "
+                          f"{self.run_dir} for stage {index + 1} (one stage per launch with sharded engines)")
+                break
+        summary = {"train_seconds": time.time() - t0, "steps": len(self.metrics), "processes": world}
+        if self.is_main:
+            if not stopped_early:
+                self.export()
+            self.plot_loss()
+            (self.run_dir / "train_metrics.json").write_text(json.dumps({"summary": summary, "log": self.metrics},
+                                                                        indent=1))
+        acc.wait_for_everyone()
         return summary
+
+    def _prepare(self, stage: StageConfig, optimizer, loader, scheduler):
+        """Model, optimizer, data and scheduler through ``accelerator.prepare`` for one stage.  The model is
+        re-prepared per stage because DDP registers gradient hooks for the parameters trained when it is built
+        (a later stage's LoRA would otherwise never be synchronised).  ``self.model`` stays the plain model;
+        ``self._engine`` is the wrapper the forward runs through."""
+        acc = self.accelerator
+        acc.gradient_accumulation_steps = stage.grad_accum
+        self._engine, optimizer, loader, scheduler = acc.prepare(self.model, optimizer, loader, scheduler)
+        return optimizer, loader, scheduler
+
+    def _unprepare(self) -> None:
+        """Drop accelerate's wrappers after a stage; the plain model keeps its (trained) parameters and its own
+        forward (accelerate patches ``forward`` with autocast under mixed precision)."""
+        acc = self.accelerator
+        if self._engine is not None and not is_sharded(acc):
+            acc.unwrap_model(self._engine, keep_fp32_wrapper=False)
+        acc.free_memory()
+        self._engine = None
+
+    def _check_resume_batch(self, ckpt: Path, prog: dict[str, Any], stage_index: int, world: int) -> None:
+        """A resumed stage must keep its per-process batch and global batch (the plan is a function of both);
+        the number of processes may change if ``grad_accum`` makes up for it."""
+        if "global_batch" not in prog or stage_index >= len(self.cfg.train.stages):
+            return  # saved before distributed runs: one process
+        stage = self.cfg.train.stages[stage_index]
+        now = (stage.batch_size, stage.batch_size * stage.grad_accum * world)
+        then = (prog["batch_size"], prog["global_batch"])
+        if now != then:
+            raise ValueError(
+                f"{ckpt}: saved with batch_size {then[0]} and global batch {then[1]} ({prog['world_size']} "
+                f"process(es)); resuming with batch_size {now[0]} x grad_accum {stage.grad_accum} x {world} "
+                f"process(es) = {now[1]} would change the batch plan. Keep batch_size and set grad_accum so that "
+                f"batch_size x grad_accum x processes = {then[1]}")
 
     @torch.no_grad()
     def calibrate_connector(self, examples: dict[int, dict[str, Any]], max_images: int = 512) -> None:
@@ -305,33 +401,45 @@ class Trainer:
             for n, t in state.items():
                 params[n].copy_(t)
 
-    def _run_stage(self, index, stage, examples: dict[int, dict[str, Any]], mbs, total, step, optimizer, scheduler) -> None:
+    def _run_stage(self, index, stage, loader, total, step, optimizer, scheduler) -> None:
+        """Steps ``step..total`` of a stage.  ``loader`` is this rank's shard of the remaining planned micro-batches
+        (already on the device); accelerate scales the loss by ``grad_accum`` and synchronises gradients only
+        on the last micro-batch of a step."""
         acc = self.accelerator
-        model = self.model
-        model.train()
+        model, engine = self.model, self._engine
+        world = acc.num_processes
+        engine.train()
         # No dropout (and no batch-norm statistics updates) in the towers; LM dropout follows its config.
         model.vision_towers.eval()
-        params = [p for p in model.parameters() if p.requires_grad]
-        bar = tqdm(total=total, initial=step, desc=f"stage {index} {stage.name}", disable=not self.progress,
-                   unit="step")
+        # Sharded engines clip over their own (flat/sharded) parameters; accelerate maps this to the engine's clip.
+        params = list(engine.parameters()) if is_sharded(acc) else [p for p in model.parameters() if p.requires_grad]
+        bar = tqdm(total=total, initial=step, desc=f"stage {index} {stage.name}",
+                   disable=not (self.progress and self.is_main), unit="step")
         save_every = self.cfg.train.save_every
+        batches = iter(loader)
         while step < total:
             t_step = time.time()
             loss_sum, n_tok = 0.0, 0
             for k in range(stage.grad_accum):
-                batch = self.collate([examples[i] for i in mbs[step * stage.grad_accum + k]])
-                batch = send_to_device(batch, acc.device)  # nested per-layer feature lists included
-                with acc.autocast():
-                    out = model(**batch)
-                acc.backward(out.loss / stage.grad_accum)
+                batch = next(batches)
+                with acc.accumulate(engine):
+                    with acc.autocast():
+                        out = engine(**batch)
+                    acc.backward(out.loss)
                 loss_sum += float(out.loss.detach())
                 n_tok += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm) if stage.max_grad_norm else None
+            grad_norm = acc.clip_grad_norm_(params, stage.max_grad_norm) if stage.max_grad_norm else None
             optimizer.step()
-            scheduler.step()
+            if not getattr(optimizer, "step_was_skipped", False):  # fp16: an overflow skips the step, and the lr
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            rec = {"stage": stage.name, "stage_index": index, "step": step, "loss": loss_sum / stage.grad_accum,
+            if world > 1:  # the logged loss and token count are the global batch's, as in a 1-process run
+                totals = acc.reduce(torch.tensor([loss_sum, n_tok], dtype=torch.float64, device=acc.device), "sum")
+                loss, n_tok = float(totals[0]) / (stage.grad_accum * world), int(totals[1])
+            else:
+                loss = loss_sum / stage.grad_accum
+            rec = {"stage": stage.name, "stage_index": index, "step": step, "loss": loss,
                    "lr": scheduler.get_last_lr()[-1], "tokens": n_tok, "seconds": time.time() - t_step}
             if grad_norm is not None:
                 rec["grad_norm"] = float(grad_norm)
