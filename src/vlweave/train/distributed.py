@@ -79,6 +79,18 @@ def is_sharded(acc: Accelerator) -> bool:
     return acc.distributed_type in SHARDED
 
 
+def configure_stage(acc: Accelerator, batch_size: int, grad_accum: int) -> None:
+    """Before ``prepare``: the stage's accumulation for accelerate (``accumulate``/``backward`` read it), and for
+    DeepSpeed, whose config needs the micro-batch size (the planned loader has no ``batch_size`` attribute to
+    infer it from) and its own accumulation count, which would otherwise win over the stage's."""
+    acc.gradient_accumulation_steps = grad_accum
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = batch_size
+        ds["gradient_accumulation_steps"] = grad_accum
+        ds["train_batch_size"] = batch_size * grad_accum * acc.num_processes
+
+
 class _Planned(torch.utils.data.Dataset):
     """Tokenized examples by sample index (the plan's indices), as a map-style dataset."""
 
@@ -151,12 +163,17 @@ def enable_gradient_checkpointing(model, components: Sequence[str]) -> list[str]
     for comp, module in targets.items():
         if not getattr(module, "supports_gradient_checkpointing", False):
             raise ValueError(f"train.gradient_checkpointing: {comp} ({type(module).__name__}) does not support it")
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(module, "activation_checkpointing_enable", None)  # transformers 5's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return sorted(targets)
 
 
 __all__ = [
     "MIXED_PRECISION",
+    "configure_stage",
     "enable_gradient_checkpointing",
     "gather_rng_states",
     "is_sharded",

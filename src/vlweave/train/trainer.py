@@ -35,6 +35,7 @@ from vlweave.data.collate import pad_batch
 from vlweave.data.llava_json import Sample, load_llava_data
 from vlweave.hardware import bf16_available
 from vlweave.train.distributed import (
+    configure_stage,
     enable_gradient_checkpointing,
     gather_rng_states,
     is_sharded,
@@ -322,7 +323,7 @@ class Trainer:
                 acc.load_state(str(ckpt / "engine"))
             if step < total:
                 self._run_stage(index, stage, loader, total, step, optimizer, scheduler)
-            self.save_state(index, total, optimizer, scheduler)
+            last = self.save_state(index, total, optimizer, scheduler)
             self._unprepare()
             if is_sharded(acc) and index + 1 < len(cfg.train.stages):
                 # FSDP/DeepSpeed wrap the model in place: a second stage (other trained parameters) cannot be
@@ -335,7 +336,9 @@ class Trainer:
         summary = {"train_seconds": time.time() - t0, "steps": len(self.metrics), "processes": world}
         if self.is_main:
             if not stopped_early:
-                self.export()
+                # A sharded engine leaves shards (FSDP) or placeholders (ZeRO-3) in the model: export rebuilds a
+                # plain one from the checkpoint that just gathered every trained tensor.
+                self.export_from_checkpoint(last) if is_sharded(acc) else self.export()
             self.plot_loss()
             (self.run_dir / "train_metrics.json").write_text(json.dumps({"summary": summary, "log": self.metrics},
                                                                         indent=1))
@@ -348,7 +351,7 @@ class Trainer:
         (a later stage's LoRA would otherwise never be synchronised).  ``self.model`` stays the plain model;
         ``self._engine`` is the wrapper the forward runs through."""
         acc = self.accelerator
-        acc.gradient_accumulation_steps = stage.grad_accum
+        configure_stage(acc, stage.batch_size, stage.grad_accum)
         self._engine, optimizer, loader, scheduler = acc.prepare(self.model, optimizer, loader, scheduler)
         return optimizer, loader, scheduler
 
@@ -451,6 +454,19 @@ class Trainer:
         bar.close()
 
     # ---- outputs --------------------------------------------------------------------------------------
+    def export_from_checkpoint(self, ckpt: str | Path) -> Path:
+        """``export()`` of a checkpoint rather than of the live model: a freshly built model (same seed, so the
+        same untrained weights), the LoRA structure of every stage up to the checkpoint's, its trained tensors."""
+        ckpt = self.latest_checkpoint(ckpt)
+        prog = json.loads((ckpt / "progress.json").read_text())
+        self._seed_all(self.cfg.train.seed)
+        model, _ = build_model(self.cfg)
+        for stage in self.cfg.train.stages[: prog["stage_index"] + 1]:
+            apply_tune_policy(model, stage, self.cfg.train.lora)
+        self.model = model
+        self._load_trained(ckpt)
+        return self.export()
+
     def export(self) -> Path:
         """HF-format checkpoint at ``run_dir/final``, component by component: LoRA is folded into the base weights
         of the component that holds it (the LM, a tower); what cannot be merged -- the LM-side modules -- is saved
