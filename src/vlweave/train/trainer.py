@@ -34,6 +34,8 @@ from vlweave.context import VlweaveContext
 from vlweave.data.collate import pad_batch
 from vlweave.data.llava_json import Sample, load_llava_data
 from vlweave.hardware import bf16_available
+from vlweave.processing import IGNORE_INDEX, make_transform
+from vlweave.processor import VlweaveProcessor
 from vlweave.train.distributed import (
     configure_stage,
     enable_gradient_checkpointing,
@@ -44,8 +46,6 @@ from vlweave.train.distributed import (
     set_rng_state,
     share_feature_cache,
 )
-from vlweave.processing import IGNORE_INDEX, make_transform
-from vlweave.processor import VlweaveProcessor
 from vlweave.train.policy import (
     apply_tune_policy,
     component_lr,
@@ -110,6 +110,7 @@ class Trainer:
         self.accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.bf16,
                                             find_unused_parameters=cfg.train.find_unused_parameters)
         self.is_main = self.accelerator.is_main_process  # only rank 0 writes checkpoints, logs, plots, exports
+        self.progress = progress and self.is_main  # one set of progress bars
         self.model.to(self.accelerator.device)
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(self.model, cfg.train.gradient_checkpointing)
@@ -302,7 +303,7 @@ class Trainer:
                 # Only the images this stage will actually see; built once, by rank 0.
                 self.store = share_feature_cache(acc, self.store, lambda: FeatureCache(self.model),
                                                  [e["image"] for e in examples.values() if e["image"]],
-                                                 self.progress and self.is_main)
+                                                 self.progress)
             optimizer = self._optimizer(stage)
             scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(stage.warmup_ratio * total), total)
             step = 0
@@ -417,7 +418,7 @@ class Trainer:
         # Sharded engines clip over their own (flat/sharded) parameters; accelerate maps this to the engine's clip.
         params = list(engine.parameters()) if is_sharded(acc) else [p for p in model.parameters() if p.requires_grad]
         bar = tqdm(total=total, initial=step, desc=f"stage {index} {stage.name}",
-                   disable=not (self.progress and self.is_main), unit="step")
+                   disable=not self.progress, unit="step")
         save_every = self.cfg.train.save_every
         batches = iter(loader)
         while step < total:
