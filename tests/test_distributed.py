@@ -247,3 +247,21 @@ def test_llava15_on_8_gpus_keeps_the_released_global_batch():
     assert [s.batch_size * s.grad_accum * 8 for s in cfg.train.stages] == [256, 128]
     one = RunConfig.load(preset_path("llava15"))  # the preset as written: one device, the same global batches
     assert [s.batch_size * s.grad_accum for s in one.train.stages] == [256, 128]
+
+
+def test_deepspeed_inputs_follow_its_weight_dtype():
+    """DeepSpeed has no autocast: under its bf16 the float inputs (nested cached features too) become bf16; ids,
+    labels and the context stay; other engines get the very same batch."""
+    from accelerate.utils import DistributedType
+
+    from vlweave.context import VlweaveContext
+    from vlweave.train.distributed import engine_inputs
+
+    ctx = VlweaveContext.for_batch([True])
+    batch = {"input_ids": torch.ones(1, 3, dtype=torch.long), "vision_features": {"base": [torch.zeros(1, 4, 8)]},
+             "pixel_values": torch.zeros(1, 3, 4, 4), "context": ctx}
+    out = engine_inputs(batch, DistributedType.DEEPSPEED, "bf16")
+    assert out["vision_features"]["base"][0].dtype == torch.bfloat16 and out["pixel_values"].dtype == torch.bfloat16
+    assert out["input_ids"].dtype == torch.long and out["context"] is ctx
+    assert engine_inputs(batch, DistributedType.MULTI_GPU, "bf16") is batch
+    assert engine_inputs(batch, DistributedType.DEEPSPEED, "no") is batch

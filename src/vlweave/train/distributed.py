@@ -91,6 +91,17 @@ def configure_stage(acc: Accelerator, batch_size: int, grad_accum: int) -> None:
         ds["train_batch_size"] = batch_size * grad_accum * acc.num_processes
 
 
+def engine_inputs(batch: dict[str, Any], distributed_type, mixed_precision: str) -> dict[str, Any]:
+    """DeepSpeed runs bf16/fp16 by converting the weights, without autocast, so floating-point inputs (pixels,
+    cached tower features) must be converted too; every other engine autocasts and gets the batch unchanged."""
+    if distributed_type != DistributedType.DEEPSPEED or mixed_precision not in ("bf16", "fp16"):
+        return batch
+    from accelerate.utils.operations import recursively_apply
+
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return recursively_apply(lambda t: t.to(dtype) if t.is_floating_point() else t, batch)
+
+
 class _Planned(torch.utils.data.Dataset):
     """Tokenized examples by sample index (the plan's indices), as a map-style dataset."""
 
@@ -183,6 +194,7 @@ __all__ = [
     "MIXED_PRECISION",
     "configure_stage",
     "enable_gradient_checkpointing",
+    "engine_inputs",
     "gather_rng_states",
     "is_sharded",
     "make_accelerator",

@@ -39,6 +39,7 @@ from vlweave.processor import VlweaveProcessor
 from vlweave.train.distributed import (
     configure_stage,
     enable_gradient_checkpointing,
+    engine_inputs,
     gather_rng_states,
     is_sharded,
     make_accelerator,
@@ -425,7 +426,7 @@ class Trainer:
             t_step = time.time()
             loss_sum, n_tok = 0.0, 0
             for k in range(stage.grad_accum):
-                batch = next(batches)
+                batch = engine_inputs(next(batches), acc.distributed_type, acc.mixed_precision)
                 with acc.accumulate(engine):
                     with acc.autocast():
                         out = engine(**batch)
@@ -452,6 +453,9 @@ class Trainer:
             bar.update(1)
             if save_every and step % save_every == 0 and step < total:
                 self.save_state(index, step, optimizer, scheduler)
+        # Finish the iteration (accelerate unregisters a loader only then); the plan gave each rank exactly its steps.
+        if next(batches, None) is not None:
+            raise RuntimeError(f"stage {index}: the planned loader has micro-batches left after step {total}")
         bar.close()
 
     # ---- outputs --------------------------------------------------------------------------------------
