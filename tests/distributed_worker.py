@@ -1,6 +1,7 @@
-"""One rank of the multi-process trainer test (run by ``accelerate launch``; see tests/test_distributed.py).
+"""One rank of the multi-process trainer test (see tests/test_distributed.py).
 
-``distributed_worker.py REPORT_DIR CONFIG [CONFIG...]``: train each config in turn (``--resume`` from its own
+``run(REPORT_DIR, CONFIG, ...)`` in each process of ``accelerate.debug_launcher`` (fork, gloo on the CPU), or
+``accelerate launch ... distributed_worker.py REPORT_DIR CONFIG [CONFIG...]``: train each config in turn (``--resume`` from its own
 output folder when the config file's name ends in ``.resume.yaml``), and write ``REPORT_DIR/<run>.rank<r>.json``
 with what this rank did: the sample ids of each micro-batch it collated, how often it ran a tower for the feature
 cache, and how many files the trainer wrote.  A config whose ``train.output_dir`` ends in ``-kill`` is killed with
@@ -23,8 +24,14 @@ from vlweave.train.trainer import Trainer
 KILL_AFTER = "ckpt-s1-000002"
 
 
-def main() -> None:
-    report, configs = Path(sys.argv[1]), sys.argv[2:]
+def run(report: str, *configs: str) -> None:
+    if os.environ.get("FORK_LAUNCHED"):
+        # Forked from a process that already used accelerate: its single-process state must not carry over.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    report = Path(report)
     counts = {"tower_calls": 0, "files_written": 0, "plots": 0, "exports": 0}
     seen: list[list[str]] = []
     state = {"armed": False, "kill": False}
@@ -85,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(sys.argv[1], *sys.argv[2:])
