@@ -73,7 +73,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """1-process reference (grad_accum 4) here; A (2 processes, uninterrupted) and B (2 processes, SIGKILLed
-    after ckpt-s1-000002, then resumed) through accelerate launch."""
+    after ckpt-s1-000002, then resumed) through accelerate's CPU launcher."""
     tmp = tmp_path_factory.mktemp("dist")
     report = tmp / "report"
     report.mkdir()

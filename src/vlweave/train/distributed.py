@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object
 from torch.utils.data import DataLoader
 
 from vlweave.hardware import bf16_available
@@ -42,9 +42,10 @@ SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 def resolve_mixed_precision(setting: str, bf16: bool, *, cuda: bool, launcher: str | None) -> str:
     """``train.mixed_precision`` -> what ``Accelerator(mixed_precision=...)`` gets.
 
-    ``auto`` (default): the launcher's choice under ``accelerate launch`` (its config's ``mixed_precision``, passed
-    as ``ACCELERATE_MIXED_PRECISION``), else bf16 where it is native and ``train.bf16`` allows it (the behaviour
-    before accelerate prepared anything), else no.  ``fp16`` needs CUDA (a loss scaler; CPU autocast has no fp16
+    ``auto`` (default): the launcher's bf16/fp16 under ``accelerate launch`` (its config's ``mixed_precision``,
+    passed as ``ACCELERATE_MIXED_PRECISION``), else bf16 where it is native and ``train.bf16`` allows it (the
+    behaviour before accelerate prepared anything), else no.  A launcher's ``no`` counts as unset: accelerate
+    launch always passes a value, so it cannot say "no" on purpose; ``train.mixed_precision: no`` can.  ``fp16`` needs CUDA (a loss scaler; CPU autocast has no fp16
     speed-up) and ``bf16`` needs native support, each refused with the reason.
     """
     if setting not in MIXED_PRECISION:
@@ -63,8 +64,6 @@ def resolve_mixed_precision(setting: str, bf16: bool, *, cuda: bool, launcher: s
 
 def make_accelerator(mixed_precision: str, bf16: bool, *, find_unused_parameters: bool = False) -> Accelerator:
     """The run's accelerator (the distributed setup comes from ``accelerate launch``'s environment, if any)."""
-    from accelerate.utils import DistributedDataParallelKwargs
-
     cuda = torch.cuda.is_available()
     mp = resolve_mixed_precision(mixed_precision, bf16, cuda=cuda,
                                  launcher=os.environ.get("ACCELERATE_MIXED_PRECISION"))
@@ -167,8 +166,8 @@ def gather_rng_states(acc: Accelerator) -> list[dict[str, Any]]:
 
 def enable_gradient_checkpointing(model, components: Sequence[str]) -> list[str]:
     """Recompute activations in backward for the named components (``language``, ``vision`` = every tower,
-    ``vision.<name>``), through each HF model's own ``gradient_checkpointing_enable`` (non-reentrant, so frozen
-    inputs and LoRA need no ``enable_input_require_grads``).  Returns the HF modules it was enabled on."""
+    ``vision.<name>``), through each HF model's own activation checkpointing (non-reentrant, so frozen
+    inputs and LoRA need no ``enable_input_require_grads``).  Returns the components it was enabled on."""
     known = model.components()
     targets: dict[str, Any] = {}
     for comp in components:
