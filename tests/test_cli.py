@@ -137,6 +137,6 @@ def test_bad_override_and_missing_checkpoint_exit_code_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown key(s) train.sed" in err and "Traceback" not in err
     q = tmp_path / "q.jsonl"
-    q.write_text(json.dumps({"question_id": "a", "text": "What?"}) + "\n")
+    q.write_text(json.dumps({"question_id": "a", "text": "What?", "answer": "x"}) + "\n")  # scorable: has an answer
     assert main(["eval", str(tmp_path), "--data", str(q)]) == 2
     assert "not a checkpoint folder" in capsys.readouterr().err

@@ -144,19 +144,38 @@ def save_checkpoint(model: VlweaveForConditionalGeneration, tokenizer: PreTraine
     return folder
 
 
-def _check_checkpoint(folder: Path) -> None:
+def check_checkpoint_folder(folder: Path, weights: bool = False) -> None:
+    """A vlweave checkpoint folder; with ``weights`` its safetensors files are also checked to be complete, so a
+    truncated copy is reported by file name instead of failing deep inside the loader."""
+    from vlweave.safe_io import verify_safetensors
+
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: not a checkpoint folder (no config.json)")
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    try:
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError) as exc:
+        raise ValueError(f"{folder / 'config.json'}: damaged config file ({exc})") from None
     if model_type != "vlweave":
         raise ValueError(f"{folder}: config.json has model_type {model_type!r}, expected 'vlweave'")
+    if not weights:
+        return
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{index}: damaged weights index ({exc})") from None
+    else:
+        shards = ["model.safetensors"]
+    for shard in shards:
+        verify_safetensors(folder / shard)
 
 
 def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32):
     """Load a saved vlweave checkpoint (model + tokenizer) from a folder; dispatches on ``config.json``, not the path.
     Its processor: :func:`load_processor`."""
     folder = Path(folder)
-    _check_checkpoint(folder)
+    check_checkpoint_folder(folder, weights=True)
     model = VlweaveForConditionalGeneration.from_pretrained(folder, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model.eval()
@@ -168,5 +187,5 @@ def load_processor(folder: str | Path, tokenizer: PreTrainedTokenizerBase | None
     checkpoint saved before processors, one built from its ``config.json`` and tokenizer.  ``tokenizer``: the one
     :func:`load_checkpoint` returned, so the processor shares it instead of loading another."""
     folder = Path(folder)
-    _check_checkpoint(folder)
+    check_checkpoint_folder(folder)
     return VlweaveProcessor.from_pretrained(folder, tokenizer=tokenizer)

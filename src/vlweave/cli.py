@@ -58,9 +58,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.output:
         overrides.append(f"train.output_dir={args.output}")
     if args.resume:
-        # A resumed run uses the configuration it was started with.
-        cfg = RunConfig.load(Path(args.resume) / "config.yaml", overrides) if (Path(args.resume) / "config.yaml").exists() \
-            else RunConfig.load(preset_path(args.config), overrides)
+        cfg = _resume_config(args, preset_path)
     else:
         cfg = RunConfig.load(preset_path(args.config), overrides)
     trainer = Trainer(cfg)
@@ -70,10 +68,38 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume_config(args: argparse.Namespace, preset_path):
+    """A resumed run continues with the config it was started with (``<run>/config.yaml``) and writes into the
+    run folder given -- the one ``--resume`` names, or the one holding the named checkpoint -- whatever
+    ``train.output_dir`` the saved config says (a copied or moved run folder stays independent of its original).
+    ``--set`` and ``--output`` are refused: a resume that trained with other settings than the saved config claims
+    would not be the run it continues."""
+    from vlweave.config import RunConfig
+    from vlweave.train.checkpoints import CKPT_NAME
+
+    if args.set or args.output:
+        raise ValueError("--set and --output do not apply with --resume: a resumed run continues with the config it "
+                         "was started with (RUN/config.yaml) in the folder given; start a new run to change settings")
+    resume = Path(args.resume).expanduser()
+    if not resume.exists():
+        raise FileNotFoundError(f"{resume}: no such run folder or checkpoint")
+    is_ckpt = (resume / "progress.json").exists() or bool(CKPT_NAME.fullmatch(resume.name))
+    run_dir = resume.parent.parent if is_ckpt and resume.parent.name == "checkpoints" else resume
+    saved = run_dir / "config.yaml"
+    source = saved if saved.exists() else preset_path(args.config)
+    return RunConfig.load(source, [f"train.output_dir={run_dir}"])
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vlweave.builder import load_checkpoint, load_processor
     from vlweave.eval.runner import evaluate, load_eval_questions
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
     if args.benchmark is not None:
         return _cmd_eval_benchmark(args)
     if args.annotations is not None or args.split is not None or args.parser is not None:
@@ -124,6 +150,11 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from vlweave.serve.chat import ChatSession
     from vlweave.builder import load_checkpoint, load_processor
 
+    if args.max_new_tokens < 1 or args.frames < 1:
+        raise ValueError(f"--max-new-tokens and --frames must be at least 1, got {args.max_new_tokens} and "
+                         f"{args.frames}")
+    if args.image is not None and not Path(args.image).is_file():  # before the model load (a video: data/video.py)
+        raise FileNotFoundError(f"{args.image}: no such image file")
     model, tokenizer = load_checkpoint(args.checkpoint)
     session = ChatSession(model, tokenizer, image=args.image, max_new_tokens=args.max_new_tokens,
                           video=args.video, num_frames=args.frames,
@@ -238,20 +269,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, KeyError)
+EXIT_USER_ERROR = 2  # bad config, data, checkpoint or file; disk full
+EXIT_NONFINITE = 3  # training stopped on a NaN/inf loss or gradient
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+
+
+def _os_message(exc: OSError) -> str:
+    """An OS error as one line that names its file (``DiskFullError`` already does)."""
+    text = exc.strerror or str(exc)
+    if exc.filename and str(exc.filename) not in text:
+        return f"{exc.filename}: {text}"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from vlweave.train.guards import NonFiniteLossError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except NonFiniteLossError as exc:
+        if os.environ.get("VLWEAVE_DEBUG"):
+            raise
+        print(f"vlweave {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_NONFINITE
     except USER_ERRORS as exc:  # config/data/user mistakes: one clear line (set VLWEAVE_DEBUG=1 for the traceback)
-        import os
-
         if os.environ.get("VLWEAVE_DEBUG"):
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        if isinstance(exc, OSError) and exc.filename:
+            msg = _os_message(exc)
         print(f"vlweave {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except OSError as exc:  # disk full, permissions, I/O errors: the file and the reason, not a traceback
+        if os.environ.get("VLWEAVE_DEBUG"):
+            raise
+        print(f"vlweave {args.command}: error: {_os_message(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:  # checkpoints and partial predictions written so far are complete files
+        print(f"vlweave {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -140,6 +140,8 @@ class TrainConfig:
     gradient_checkpointing: list[str] = field(default_factory=list)
     # DDP only: for connectors/modules whose parameters do not all get a gradient every step.
     find_unused_parameters: bool = False
+    keep_checkpoints: int | None = None  # keep the newest N checkpoints (None: all); >= 2 leaves a fallback
+    on_nonfinite: str = "stop"  # NaN/inf loss or gradient: "stop" (exit non-zero) or "skip" the batch (counted)
     log_every: int = 10
     output_dir: str = "runs/default"
 
@@ -194,7 +196,9 @@ def _load_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, A
     if path.resolve() in seen:
         raise ConfigError(f"{path}: circular `base:` chain")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        from vlweave.safe_io import read_text_file
+
+        data = yaml.safe_load(read_text_file(path, error=ConfigError)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -10,6 +10,7 @@ placeholder gets one prepended to its first human turn, as LLaVA's custom-data d
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vlweave.processing import IMAGE_TOKEN
+from vlweave.safe_io import read_text_file
 
 MAX_LISTED = 20
 
@@ -55,7 +57,7 @@ def _read_records(path: Path) -> list[tuple[int, str, Any]]:
     """
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not an error
+    text = read_text_file(path, error=DataError)  # a byte-order mark is not an error; latin-1 bytes are, by line
     suffix = path.suffix.lower()
     if suffix == ".jsonl" or (suffix != ".json" and not text.lstrip().startswith("[")):
         return _read_jsonl(path, text)
@@ -98,7 +100,15 @@ def _resolve_image(value: Any, folder: Path, check: bool) -> tuple[str | None, s
         return None, f"'image' is a list ({len(value)} images); only one image per sample is supported"
     if not isinstance(value, str) or not value.strip():
         return None, f"'image' must be a non-empty string, got {value!r}"
+    if "\x00" in value:
+        return None, "'image' contains a NUL byte"
     image = Path(value).expanduser()
+    if not image.is_absolute():
+        # Lexically, so a symlinked image tree is fine but "../../x" is not: a relative path names a file in the
+        # image folder, and one that leaves it is almost always a wrong --image-folder or a hostile file.
+        inside = Path(os.path.normpath(folder / image))
+        if inside != folder and folder not in inside.parents:
+            return None, f"image path {value!r} escapes the image folder {folder}"
     image = (image if image.is_absolute() else folder / image).resolve()
     if check and not image.is_file():
         return None, f"image file not found: {image}"
@@ -132,6 +142,12 @@ def _check_conversations(raw: Any, has_image: bool) -> tuple[list[dict] | None, 
         role, value = turn["from"], turn["value"]
         if not isinstance(value, str):
             problems.append(f"turn {t} 'value' must be a string, got {type(value).__name__}")
+            continue
+        if "\x00" in value:
+            problems.append(f"turn {t} contains a NUL byte (a binary or mis-encoded file?)")
+            continue
+        if role in _GPT_ROLES and not value.strip():
+            problems.append(f"turn {t} is an empty answer (nothing to train on)")
             continue
         if role in _HUMAN_ROLES:
             turns.append({"from": "human", "value": value})

@@ -68,6 +68,8 @@ def _fields(record: dict) -> tuple[Any, Any, Any, set[str], list[str]]:
         qid, text, answer, keys = record.get("question_id"), record.get("text"), record.get("answer"), _QUESTION_KEYS
     if not isinstance(text, str) or not text.strip():
         return qid, text, answer, keys, ["missing or empty 'text'"]
+    if "\x00" in text:
+        return qid, text, answer, keys, ["'text' contains a NUL byte (a binary or mis-encoded file?)"]
     if text.count(IMAGE_TOKEN) > 1:
         return qid, text, answer, keys, [f"{text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders; at most one is "
                                          "supported"]
@@ -77,14 +79,17 @@ def _fields(record: dict) -> tuple[Any, Any, Any, set[str], list[str]]:
 
 
 def read_questions(
-    path: str | Path, image_folder: str | Path | None = None, *, check_images: bool = True
+    path: str | Path, image_folder: str | Path | None = None, *, check_images: bool = True,
+    require_answer: bool = False,
 ) -> list[Question]:
     """Read a question file: JSONL (LLaVA's eval files) or a JSON list of ``{"question_id", "image"?, "text",
     "answer"?, ...}`` records, or of LLaVA conversation records (``{"id", "image"?, "conversations"}``).
 
     ``image`` is made absolute against ``image_folder`` (default: the file's folder) and, with ``check_images``,
-    checked to exist; ``answer`` becomes a string; other fields go to ``meta`` unchanged.  Raises one
-    ``DataError`` listing every bad record.
+    checked to exist; ``answer`` becomes a string; other fields go to ``meta`` unchanged.  With
+    ``require_answer`` (scoring by exact match) a record without a string ``answer`` is an error: a missing one
+    would be scored as wrong, a number would be compared in its Python spelling.  Raises one ``DataError``
+    listing every bad record.
     """
     path = Path(path).expanduser().resolve()
     folder = Path(image_folder).expanduser().resolve() if image_folder is not None else path.parent
@@ -106,8 +111,13 @@ def read_questions(
         else:
             first_seen[str(qid)] = where
         bad.extend(text_problems)
-        if answer is not None and not isinstance(answer, (str, int, float)):
+        if answer is not None and not isinstance(answer, (str, int, float)) or (
+                require_answer and answer is not None and not isinstance(answer, str)):
             bad.append(f"'answer' must be a string, got {type(answer).__name__}")
+        elif require_answer and answer is None:
+            bad.append("missing 'answer' (needed to score the prediction)")
+        elif isinstance(answer, str) and "\x00" in answer:
+            bad.append("'answer' contains a NUL byte")
         image: str | None = None
         if record.get("image") is not None:
             image, problem = _resolve_image(record["image"], folder, check_images)

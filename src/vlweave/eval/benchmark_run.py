@@ -17,8 +17,9 @@ from typing import Any
 from vlweave import __version__
 from vlweave.eval.benchmarks.inputs import BenchmarkInputs
 from vlweave.eval.benchmarks.registry import get_benchmark, parse_benchmark, score_benchmark
-from vlweave.eval.vqa import generate_answers
+from vlweave.eval.vqa import PartialPredictions, generate_answers
 from vlweave.processor import VlweaveProcessor
+from vlweave.safe_io import atomic_write_text
 
 # LLaVA's model_vqa_loader.py / model_vqa_mmbench.py default (methods.md §0.8).
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -33,14 +34,15 @@ def write_predictions(path: str | Path, inputs: BenchmarkInputs, answers: list[s
     """One JSON line per question: ``question_id`` (MMBench: the row index), ``prompt``, ``prediction``,
     ``parsed`` (what the scorer's parser made of the prediction -- see :func:`registry.parse_benchmark`; written
     when given), ``gold`` and ``image`` (the path; ``null`` for images decoded in memory)."""
-    with open(path, "w", encoding="utf-8") as fh:
-        for position, (item, answer) in enumerate(zip(inputs.items, answers)):
-            row = {"question_id": item.question_id, "prompt": item.text, "prediction": answer}
-            if parsed is not None:
-                row["parsed"] = _jsonable(parsed[position])
-            row.update({"gold": _jsonable(item.answer),
-                        "image": item.image if isinstance(item.image, str) else None})
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    lines = []
+    for position, (item, answer) in enumerate(zip(inputs.items, answers)):
+        row = {"question_id": item.question_id, "prompt": item.text, "prediction": answer}
+        if parsed is not None:
+            row["parsed"] = _jsonable(parsed[position])
+        row.update({"gold": _jsonable(item.answer),
+                    "image": item.image if isinstance(item.image, str) else None})
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write_text(path, "".join(lines), "predictions")
 
 
 def read_predictions(path: str | Path) -> dict[str, str]:
@@ -63,14 +65,24 @@ def run_benchmark(model, tokenizer, inputs: BenchmarkInputs, *, out_dir: str | P
     described = spec.describe(split=inputs.split, parser=parser)  # validates the parser before generating
     processor = processor if processor is not None else VlweaveProcessor.from_model(model, tokenizer)
     t0 = time.time()
-    answers = generate_answers(model, tokenizer, inputs.items, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                               progress=progress, bf16=bf16, processor=processor)
-    seconds = time.time() - t0
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    items = inputs.items
+    partial = PartialPredictions(out / "predictions.partial.jsonl",
+                                 lambda i, a: {"question_id": items[i].question_id, "prompt": items[i].text,
+                                               "prediction": a})
+    done = False
+    try:
+        answers = generate_answers(model, tokenizer, inputs.items, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, progress=progress, bf16=bf16, processor=processor,
+                                   on_batch=partial)
+        done = True
+    finally:
+        partial.close(interrupted=not done)  # removed once predictions.jsonl is complete
+    seconds = time.time() - t0
     # The parse needs no ground truth (MMBench reads only the options), so test splits get it too.
     parsed = parse_benchmark(inputs.benchmark, answers, inputs.records, parser=described["parser"])
     write_predictions(out / "predictions.jsonl", inputs, answers, parsed)
+    partial.path.unlink(missing_ok=True)
 
     if inputs.unscored_reason is None:
         report = score_benchmark(inputs.benchmark, answers, inputs.records, split=inputs.split,
@@ -91,5 +103,5 @@ def run_benchmark(model, tokenizer, inputs: BenchmarkInputs, *, out_dir: str | P
         "model": {"checkpoint": checkpoint, "config": json.loads(cfg.to_json_string(use_diff=False))},
         "vlweave_version": __version__,
     })
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
+    atomic_write_text(out / "metrics.json", json.dumps(report, indent=2, default=str), "benchmark metrics")
     return report

@@ -9,13 +9,22 @@ from pathlib import Path
 from typing import Any
 
 from vlweave.data.questions import Question, read_questions
-from vlweave.eval.vqa import exact_match_report, generate_answers, save_predictions
+from vlweave.eval.vqa import (
+    PartialPredictions,
+    exact_match_report,
+    generate_answers,
+    prediction_row,
+    save_predictions,
+)
+from vlweave.safe_io import atomic_write_text
 from vlweave.assets import resolve_data_path
 from vlweave.vision.cache import FeatureCache
 
 
 def select_questions(questions: list[Question], limit: int | None, subset_seed: int | None) -> list[Question]:
     """A fixed subset: the first ``limit`` questions, or a seeded random sample of ``limit`` (same for every model)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
     if limit is None or limit >= len(questions):
         return list(questions)
     if subset_seed is None:
@@ -26,9 +35,18 @@ def select_questions(questions: list[Question], limit: int | None, subset_seed: 
 
 def load_eval_questions(data: str, image_folder: str | None = None, limit: int | None = None,
                         subset_seed: int | None = None) -> list[Question]:
+    """Questions to score by exact match: every record needs a string ``answer``; the selected questions' images
+    are decoded here (in parallel, cached by content), before any model is loaded."""
+    from vlweave.data.images import verify_images
+
     path, root = resolve_data_path(data)
-    questions = read_questions(path, image_folder or root)
-    return select_questions(questions, limit, subset_seed)
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    questions = read_questions(path, image_folder or root, require_answer=True)
+    selected = select_questions(questions, limit, subset_seed)
+    verify_images([(f"question_id {q.question_id!r}", q.image) for q in selected if isinstance(q.image, str)],
+                  Path(path).expanduser().resolve())
+    return selected
 
 
 def evaluate(model, tokenizer, questions: list[Question], *, out_dir: str | Path | None = None,
@@ -39,9 +57,17 @@ def evaluate(model, tokenizer, questions: list[Question], *, out_dir: str | Path
     if use_cache and FeatureCache.usable(model):
         store = FeatureCache(model)
     t0 = time.time()
-    answers = generate_answers(model, tokenizer, questions, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                               prompt_suffix=prompt_suffix, store=store, progress=progress, bf16=bf16,
-                               processor=processor)
+    partial = None if out_dir is None else PartialPredictions(
+        Path(out_dir) / "predictions.partial.jsonl", lambda i, a: prediction_row(questions[i], a))
+    done = False
+    try:
+        answers = generate_answers(model, tokenizer, questions, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                   prompt_suffix=prompt_suffix, store=store, progress=progress, bf16=bf16,
+                                   processor=processor, on_batch=partial)
+        done = True
+    finally:
+        if partial is not None:
+            partial.close(interrupted=not done)  # removed below, once the complete file is written
     seconds = time.time() - t0
     report = exact_match_report(questions, answers, group_key=group_key)
     report.update({"eval_seconds": seconds, "prompt_suffix": prompt_suffix, "max_new_tokens": max_new_tokens,
@@ -50,6 +76,8 @@ def evaluate(model, tokenizer, questions: list[Question], *, out_dir: str | Path
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_predictions(out / "predictions.jsonl", questions, answers)
-        (out / "eval_metrics.json").write_text(json.dumps(report, indent=2))
+        atomic_write_text(out / "eval_metrics.json", json.dumps(report, indent=2), "eval metrics")
+        assert partial is not None
+        partial.path.unlink(missing_ok=True)
     report["answers"] = answers
     return report

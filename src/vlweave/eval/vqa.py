@@ -12,7 +12,7 @@ import re
 import string
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -23,6 +23,7 @@ from vlweave.data.questions import ImageSource, Question
 from vlweave.hardware import bf16_available
 from vlweave.processing import load_image
 from vlweave.processor import VlweaveProcessor
+from vlweave.safe_io import atomic_write_text, disk_full_guard
 from vlweave.vision.cache import FeatureCache
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -67,6 +68,29 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def context_length(model) -> int | None:
+    """The LM's maximum sequence length (``max_position_embeddings``), if its config states one."""
+    text_config = getattr(model.config, "text_config", model.config)
+    value = getattr(text_config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def check_prompt_lengths(model, lengths: Sequence[tuple[str, int]], max_new_tokens: int) -> None:
+    """Refuse prompts that with ``max_new_tokens`` do not fit the LM's context (instead of generating garbage past
+    the position table, or allocating a KV cache for a runaway question).  ``lengths``: (what the prompt is --
+    "question_id 'q1'", "chat turn 2" --, its token count)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    limit = context_length(model)
+    if limit is None:
+        return
+    long = [(what, n) for what, n in lengths if n + max_new_tokens > limit]
+    if long:
+        shown = ", ".join(f"{what} ({n} tokens)" for what, n in long[:5])
+        raise ValueError(f"{len(long)} prompt(s) too long for the model's context of {limit} tokens (prompt + "
+                         f"max_new_tokens={max_new_tokens}): {shown}{' ...' if len(long) > 5 else ''}")
+
+
 @torch.no_grad()
 def generate_answers(
     model,
@@ -82,15 +106,21 @@ def generate_answers(
     progress: bool = True,
     bf16: bool = False,
     processor: VlweaveProcessor | None = None,
+    on_batch: Callable[[list[int], list[str]], None] | None = None,
 ) -> list[str]:
     """Greedy answers for ``questions`` (their ``image``: an absolute path, a PIL image or a callable returning
     one; only paths go through the feature ``store``).  Prompts and pixels come from ``processor`` (the
-    checkpoint's own, see ``builder.load_processor``; by default one made from ``model`` and ``tokenizer``)."""
+    checkpoint's own, see ``builder.load_processor``; by default one made from ``model`` and ``tokenizer``).
+    ``on_batch(indices, answers)`` is called after every batch (the callers append them to a partial predictions
+    file, so an interrupted run keeps what it generated).  A prompt that with ``max_new_tokens`` exceeds the LM's
+    context is refused before anything is generated."""
     model.eval()
     processor = processor if processor is not None else VlweaveProcessor.from_model(model, tokenizer)
     texts = [q.text + prompt_suffix for q in questions]
     prompts = [processor.encode_question(t, q.has_image, template=template, system_prompt=system_prompt,
                                          sample_id=str(q.question_id)) for t, q in zip(texts, questions)]
+    check_prompt_lengths(model, [(f"question_id {q.question_id!r}", len(p)) for q, p in zip(questions, prompts)],
+                         max_new_tokens)
     if store is not None:
         store.ensure([q.image for q in questions if q.has_image and isinstance(q.image, str)], progress)
     order = sorted(range(len(questions)), key=lambda i: len(prompts[i]))
@@ -118,6 +148,8 @@ def generate_answers(
                                  pad_token_id=pad_id, **kwargs)
         for r, i in enumerate(idx):
             answers[i] = tokenizer.decode(out[r], skip_special_tokens=True).strip()
+        if on_batch is not None:
+            on_batch(list(idx), [answers[i] for i in idx])
         bar.update(len(idx))
     bar.close()
     return answers
@@ -136,13 +168,46 @@ def exact_match_report(questions: Sequence[Question], answers: Sequence[str],
     return report
 
 
+def prediction_row(q: Question, a: str) -> dict[str, Any]:
+    gold = "" if q.answer is None else q.answer
+    return {"question_id": q.question_id, "question": q.text, "prediction": a,
+            "answer": q.answer, "correct": normalize_answer(a) == normalize_answer(gold)}
+
+
 def save_predictions(path: str | Path, questions: Sequence[Question], answers: Sequence[str]) -> None:
-    with open(path, "w") as fh:
-        for q, a in zip(questions, answers):
-            gold = "" if q.answer is None else q.answer
-            row = {"question_id": q.question_id, "question": q.text, "prediction": a,
-                   "answer": q.answer, "correct": normalize_answer(a) == normalize_answer(gold)}
-            fh.write(json.dumps(row) + "\n")
+    """All predictions, in question order, written atomically (a full disk leaves no half file)."""
+    atomic_write_text(path, "".join(json.dumps(prediction_row(q, a)) + "\n" for q, a in zip(questions, answers)),
+                      "predictions")
+
+
+class PartialPredictions:
+    """``predictions.partial.jsonl``: rows appended (and flushed) batch by batch while generating, so an
+    interrupted evaluation keeps every prediction made so far; removed once the complete file is written."""
+
+    def __init__(self, path: str | Path, row: Callable[[int, str], dict[str, Any]]) -> None:
+        self.path = Path(path)
+        self.row = row
+        self._fh = None  # opened at the first batch: a run refused before generating leaves no file
+
+    def __call__(self, indices: list[int], answers: list[str]) -> None:
+        with disk_full_guard(self.path, "partial predictions"):
+            if self._fh is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = open(self.path, "w", encoding="utf-8")
+            self._fh.write("".join(json.dumps(self.row(i, a), ensure_ascii=False) + "\n"
+                                   for i, a in zip(indices, answers)))
+            self._fh.flush()
+
+    def close(self, interrupted: bool) -> None:
+        """Close the file; when ``interrupted``, say where the predictions made so far are.  The caller removes
+        the file once the complete predictions are written."""
+        if self._fh is None:
+            return
+        self._fh.close()
+        if interrupted:
+            import sys
+
+            print(f"predictions so far: {self.path}", file=sys.stderr)
 
 
 def majority_baselines(train: Sequence[Question], test: Sequence[Question], template_fn,

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from vlweave.eval.vqa import stop_token_ids
+from vlweave.eval.vqa import check_prompt_lengths, stop_token_ids
 from vlweave.processing import load_image, make_transform
 from vlweave.processor import VlweaveProcessor
 from vlweave.vision.towers import BASE_TOWER
@@ -61,8 +61,14 @@ class ChatSession:
         visual = self.pixel_values is not None or self.pixel_values_videos is not None
         value = ("<image>\n" + text) if (first and visual) else text
         self.turns.append({"from": "human", "value": value})
-        ids = self.processor.encode_prompt(self.turns, has_image=visual, num_image_tokens=self.num_visual_tokens,
-                                           sample_id="chat")
+        try:
+            ids = self.processor.encode_prompt(self.turns, has_image=visual, num_image_tokens=self.num_visual_tokens,
+                                               sample_id="chat")
+            check_prompt_lengths(self.model, [(f"chat turn {len(self.turns) // 2 + 1}", len(ids))],
+                                 self.max_new_tokens)
+        except ValueError:
+            self.turns.pop()  # the refused turn is not part of the conversation
+            raise
         pad = self.processor.pad_token_id
         out = self.model.generate(torch.tensor([ids]), pixel_values=self.pixel_values,
                                   pixel_values_videos=self.pixel_values_videos,

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -36,6 +36,8 @@ from vlweave.data.llava_json import Sample, load_llava_data
 from vlweave.hardware import bf16_available
 from vlweave.processing import IGNORE_INDEX, make_transform
 from vlweave.processor import VlweaveProcessor
+from vlweave.safe_io import atomic_write_text
+from vlweave.train import checkpoints as ckpts
 from vlweave.train.distributed import (
     configure_stage,
     enable_gradient_checkpointing,
@@ -46,6 +48,16 @@ from vlweave.train.distributed import (
     planned_loader,
     set_rng_state,
     share_feature_cache,
+)
+from vlweave.train.guards import (
+    DataWarnings,
+    NonFiniteGuard,
+    NonFiniteLossError,
+    assert_finite_tensors,
+    check_same_data,
+    data_fingerprint,
+    total_grad_norm,
+    validate_train_config,
 )
 from vlweave.train.policy import (
     apply_tune_policy,
@@ -60,12 +72,21 @@ from vlweave.vision.towers import BASE_TOWER
 
 
 def encode_samples(samples: list[Sample], processor: VlweaveProcessor, template: str, system_prompt: str | None,
-                   max_length: int, progress: bool = True) -> list[dict[str, Any]]:
-    """Training samples through the processor (its image token and token count; the stage's template)."""
+                   max_length: int, progress: bool = True,
+                   data_warnings: DataWarnings | None = None) -> list[dict[str, Any]]:
+    """Training samples through the processor (its image token and token count; the stage's template).
+    A sample longer than ``max_length`` is truncated (as LLaVA does) and counted in ``data_warnings``: its last
+    answer, end-of-turn token included, is cut, so the model never learns where that answer stops."""
     out = []
     for s in tqdm(samples, desc=f"tokenizing ({template})", disable=not progress, unit="sample"):
         enc = processor.encode_conversation(s.conversations, has_image=bool(s.image), template=template,
-                                            system_prompt=system_prompt, max_length=max_length, sample_id=s.id)
+                                            system_prompt=system_prompt, max_length=None, sample_id=s.id)
+        if max_length is not None and len(enc["input_ids"]) > max_length:
+            if data_warnings is not None:
+                data_warnings.add("truncated_answer", s.id, f"longer than language.max_length={max_length}: answer "
+                                  "truncated, its end-of-turn lost")
+            enc = processor.encode_conversation(s.conversations, has_image=bool(s.image), template=template,
+                                                system_prompt=system_prompt, max_length=max_length, sample_id=s.id)
         out.append({"input_ids": enc["input_ids"], "labels": enc["labels"], "image": s.image, "id": s.id,
                     "texts": s.user_texts(), "routing": s.routing})
     return out
@@ -100,9 +121,15 @@ class Trainer:
     """Owns the model, tokenizer, feature store and run folder for one run config."""
 
     def __init__(self, cfg: RunConfig, *, progress: bool = True) -> None:
+        validate_train_config(cfg)
         self.cfg = cfg
         self.progress = progress
         self.run_dir = Path(cfg.train.output_dir)
+        self.guard = NonFiniteGuard(cfg.train.on_nonfinite)
+        self.data_warnings = DataWarnings()
+        self._stage_data: dict[int, list[Sample]] = {}
+        self.data_fingerprints: dict[str, dict[str, Any]] = {}  # stage index (str) -> data_fingerprint
+        self.preflight()  # every stage's records and images, before the (slow) model build
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._seed_all(cfg.train.seed)
         self.model, self.tokenizer = build_model(cfg)
@@ -136,14 +163,29 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
+    def preflight(self) -> None:
+        """Load and validate every stage's records and decode every image they name (in parallel, cached by
+        content), so bad data fails in seconds, naming data file, record and image, not after the model build."""
+        from vlweave.data.images import verify_sample_images
+
+        for index, stage in enumerate(self.cfg.train.stages):
+            samples = self.stage_samples(index, stage)
+            verify_sample_images(samples, self.data_fingerprints[str(index)]["path"], progress=self.progress)
+
     def stage_samples(self, index: int, stage: StageConfig) -> list[Sample]:
         """The validated records of a stage (validation covers the whole file, even if a capped stage uses part)."""
+        if index not in self._stage_data:
+            self._stage_data[index] = self._load_stage_samples(index, stage)
+        return self._stage_data[index]
+
+    def _load_stage_samples(self, index: int, stage: StageConfig) -> list[Sample]:
         d = self.cfg.data
         spec = stage.data or (d.align if stage.name == "align" and d.align else d.train)
         if not spec:
             raise ValueError(f"stage {stage.name!r}: no data (set data.train or stages[{index}].data)")
         path, root = resolve_data_path(spec)
         samples = load_llava_data(path, d.image_folder or root)
+        self.data_fingerprints[str(index)] = data_fingerprint(Path(path).expanduser().resolve(), len(samples))
         if d.max_samples is not None:
             samples = samples[: d.max_samples]
         return samples
@@ -153,7 +195,8 @@ class Trainer:
         template = stage.template or self.cfg.language.template
         order = sorted(used)
         encoded = encode_samples([samples[i] for i in order], self.processor, template,
-                                 self.cfg.language.system_prompt, self.cfg.language.max_length, self.progress)
+                                 self.cfg.language.system_prompt, self.cfg.language.max_length, self.progress,
+                                 self.data_warnings)
         return dict(zip(order, encoded))
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -213,61 +256,57 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------------------
     def save_state(self, stage_index: int, step: int, optimizer, scheduler) -> Path:
-        """Atomic checkpoint: trained tensors, optimizer, scheduler, RNG, metrics so far.
+        """Atomic checkpoint (``checkpoints.publish_folder``): trained tensors, optimizer, scheduler, RNG, metrics
+        so far, the data fingerprints; then the oldest beyond ``train.keep_checkpoints`` are deleted.
         Every rank calls it (RNG states are gathered); only rank 0 writes, except that a sharded engine (FSDP,
         DeepSpeed) also saves its own state through ``accelerator.save_state`` (each rank its shards)."""
         acc = self.accelerator
         name = f"ckpt-s{stage_index}-{step:06d}"
         final = self.run_dir / "checkpoints" / name
-        tmp = final.with_name(name + ".tmp")
         rngs = gather_rng_states(acc)  # every rank's, so that each resumed rank continues its own stream
         sharded = is_sharded(acc)
-        if sharded:  # full tensors gathered from the shards (a collective)
+        if sharded:  # full tensors gathered from the shards (a collective), the engine's own state beside them
             tensors = acc.get_state_dict(self._engine)
+            engine_dir = final.with_name(name + ".engine")
+            if self.is_main:
+                shutil.rmtree(engine_dir, ignore_errors=True)
+            acc.wait_for_everyone()
+            acc.save_state(str(engine_dir))
+            acc.wait_for_everyone()
         else:
             tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        if sharded:
-            acc.wait_for_everyone()
-            acc.save_state(str(tmp / "engine"))
         if not self.is_main:
             acc.wait_for_everyone()
             return final
         stage = self.cfg.train.stages[stage_index]
         names = self.trained_names
         state = {n: t.detach().cpu().contiguous() for n, t in tensors.items() if n in names}
-        save_file(state, str(tmp / "trained.safetensors"))
-        # (a sharded engine's optimizer and scheduler are in engine/, saved by accelerate)
-        engine_state = {} if sharded else {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        torch.save({**engine_state, **rngs[0], **({"ranks": rngs} if len(rngs) > 1 else {})}, tmp / "state.pt")
-        (tmp / "progress.json").write_text(json.dumps(
-            {"stage_index": stage_index, "step": step, "trained": sorted(names),
-             "components": {c: sorted(k) for c, k in self.trained.items()}, "metrics": self.metrics,
-             "world_size": acc.num_processes, "batch_size": stage.batch_size,
-             "global_batch": stage.batch_size * stage.grad_accum * acc.num_processes}))
-        if final.exists():  # re-saving a name (a resumed run's stage end): keep a complete copy at every moment
-            old = final.with_name(name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        acc.wait_for_everyone()
+        assert_finite_tensors(state, str(final))
+
+        def write(tmp: Path) -> None:
+            save_file(state, str(tmp / "trained.safetensors"))
+            # (a sharded engine's optimizer and scheduler are in engine/, saved by accelerate)
+            engine_state = {} if sharded else {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            torch.save({**engine_state, **rngs[0], **({"ranks": rngs} if len(rngs) > 1 else {})}, tmp / "state.pt")
+            if sharded:
+                os.replace(engine_dir, tmp / "engine")
+            (tmp / "progress.json").write_text(json.dumps(
+                {"stage_index": stage_index, "step": step, "trained": sorted(names),
+                 "components": {c: sorted(k) for c, k in self.trained.items()}, "metrics": self.metrics,
+                 "data": self.data_fingerprints, "nonfinite_skipped": self.guard.skipped,
+                 "world_size": acc.num_processes, "batch_size": stage.batch_size,
+                 "global_batch": stage.batch_size * stage.grad_accum * acc.num_processes}))
+
+        final.parent.mkdir(parents=True, exist_ok=True)
+        ckpts.publish_folder(final, write, "checkpoint", kept=ckpts.describe_kept(self.run_dir))
+        ckpts.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        acc.wait_for_everyone()  # (if rank 0 fails to write, the launcher ends the other processes)
         return final
 
     @staticmethod
     def latest_checkpoint(path: str | Path) -> Path:
-        p = Path(path)
-        if (p / "progress.json").exists():
-            return p
-        ckpts = [c for c in (p / "checkpoints").glob("ckpt-s*-*") if re.fullmatch(r"ckpt-s\d+-\d+", c.name)]
-        ckpts.sort(key=lambda c: tuple(int(x) for x in re.findall(r"\d+", c.name)))  # (stage, step), numerically
-        if not ckpts:
-            raise FileNotFoundError(f"{p}: no checkpoint to resume from")
-        return ckpts[-1]
+        """The checkpoint a resume starts from (``checkpoints.latest_checkpoint``: falls back past damaged ones)."""
+        return ckpts.latest_checkpoint(path)
 
     # ---- the loop -------------------------------------------------------------------------------------
     def train(self, resume: str | Path | None = None) -> dict[str, Any]:
@@ -278,6 +317,11 @@ class Trainer:
             prog = json.loads((ckpt / "progress.json").read_text())
             start_stage, start_step = prog["stage_index"], prog["step"]
             self.metrics = prog["metrics"]
+            self.guard.skipped = list(prog.get("nonfinite_skipped", []))
+            saved_data = prog.get("data", {})
+            if str(start_stage) in self.data_fingerprints:
+                check_same_data(saved_data.get(str(start_stage)), self.data_fingerprints[str(start_stage)],
+                                f"{start_stage} ({cfg.train.stages[start_stage].name!r})", ckpt)
             if "components" in prog:
                 self.trained = {c: set(k) for c, k in prog["components"].items()}
             else:  # saved before components: the tensor names themselves
@@ -324,7 +368,13 @@ class Trainer:
             if resuming and is_sharded(acc):
                 acc.load_state(str(ckpt / "engine"))
             if step < total:
-                self._run_stage(index, stage, loader, total, step, optimizer, scheduler)
+                try:
+                    self._run_stage(index, stage, loader, total, step, optimizer, scheduler)
+                except NonFiniteLossError as exc:  # keep the log of what happened beside the finite checkpoints
+                    if self.is_main:
+                        self._write_metrics({"train_seconds": time.time() - t0, "steps": len(self.metrics),
+                                             "stopped": str(exc)})
+                    raise
             last = self.save_state(index, total, optimizer, scheduler)
             self._unprepare()
             if is_sharded(acc) and index + 1 < len(cfg.train.stages):
@@ -335,17 +385,25 @@ class Trainer:
                     print(f"stage {index} done under {acc.distributed_type.value}; run again with --resume "
                           f"{self.run_dir} for stage {index + 1} (one stage per launch with sharded engines)")
                 break
-        summary = {"train_seconds": time.time() - t0, "steps": len(self.metrics), "processes": world}
+        summary = {"train_seconds": time.time() - t0, "steps": len(self.metrics),
+                   "nonfinite_skipped": len(self.guard.skipped), "processes": world}
         if self.is_main:
+            self.data_warnings.announce()
             if not stopped_early:
                 # A sharded engine leaves shards (FSDP) or placeholders (ZeRO-3) in the model: export rebuilds a
                 # plain one from the checkpoint that just gathered every trained tensor.
                 self.export_from_checkpoint(last) if is_sharded(acc) else self.export()
             self.plot_loss()
-            (self.run_dir / "train_metrics.json").write_text(json.dumps({"summary": summary, "log": self.metrics},
-                                                                        indent=1))
+            self._write_metrics(summary)
         acc.wait_for_everyone()
         return summary
+
+    def _write_metrics(self, summary: dict[str, Any]) -> None:
+        """``train_metrics.json``: the summary, the counted data warnings, the skipped steps and the step log."""
+        atomic_write_text(self.run_dir / "train_metrics.json",
+                          json.dumps({"summary": summary, "warnings": self.data_warnings.as_dict(),
+                                      "nonfinite_skipped": self.guard.skipped, "log": self.metrics}, indent=1),
+                          "training metrics")
 
     def _prepare(self, stage: StageConfig, optimizer, loader, scheduler):
         """Model, optimizer, data and scheduler through ``accelerator.prepare`` for one stage.  The model is
@@ -425,31 +483,44 @@ class Trainer:
         while step < total:
             t_step = time.time()
             loss_sum, n_tok = 0.0, 0
+            micro_losses: list[float] = []
             for k in range(stage.grad_accum):
                 batch = engine_inputs(next(batches), acc.distributed_type, acc.mixed_precision)
                 with acc.accumulate(engine):
                     with acc.autocast():
                         out = engine(**batch)
                     acc.backward(out.loss)
-                loss_sum += float(out.loss.detach())
+                micro_losses.append(float(out.loss.detach()))
+                loss_sum += micro_losses[-1]
                 n_tok += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            grad_norm = acc.clip_grad_norm_(params, stage.max_grad_norm) if stage.max_grad_norm else None
-            optimizer.step()
-            if not getattr(optimizer, "step_was_skipped", False):  # fp16: an overflow skips the step, and the lr
-                scheduler.step()
+            if world > 1:
+                # Every rank sees the global step's losses and token count: the logged loss is the global batch's
+                # (as in a 1-process run) and the non-finite guard decides the same on every rank.
+                per_rank = gather_object([(micro_losses, n_tok)])
+                micro_losses = [x for losses_r, _ in per_rank for x in losses_r]
+                loss_sum, n_tok = sum(micro_losses), sum(n for _, n in per_rank)
+            if is_sharded(acc):  # the engine's own clip (DeepSpeed clips in its step and reports no norm)
+                grad_norm = acc.clip_grad_norm_(params, stage.max_grad_norm) if stage.max_grad_norm else None
+            else:
+                acc.unscale_gradients()  # fp16: the loss scaler's factor out before the norm (a no-op otherwise)
+                grad_norm = total_grad_norm(params, stage.max_grad_norm)
+            ok = self.guard.step_ok(stage.name, index, step + 1, micro_losses,
+                                    None if grad_norm is None else float(grad_norm),
+                                    lambda: ckpts.describe_kept(self.run_dir))
+            if ok:
+                optimizer.step()
+            scheduler.step()  # a skipped batch still counts as a step: the schedule and batch plan stay aligned
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if world > 1:  # the logged loss and token count are the global batch's, as in a 1-process run
-                totals = acc.reduce(torch.tensor([loss_sum, n_tok], dtype=torch.float64, device=acc.device), "sum")
-                loss, n_tok = float(totals[0]) / (stage.grad_accum * world), int(totals[1])
-            else:
-                loss = loss_sum / stage.grad_accum
-            rec = {"stage": stage.name, "stage_index": index, "step": step, "loss": loss,
+            rec = {"stage": stage.name, "stage_index": index, "step": step,
+                   "loss": loss_sum / len(micro_losses) if ok else None,
                    "lr": scheduler.get_last_lr()[-1], "tokens": n_tok, "seconds": time.time() - t_step}
-            if grad_norm is not None:
+            if not ok:
+                rec["skipped"] = self.guard.skipped[-1]["reason"]
+            if stage.max_grad_norm and ok and grad_norm is not None:
                 rec["grad_norm"] = float(grad_norm)
             self.metrics.append(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            bar.set_postfix(loss=f"{rec['loss']:.3f}" if ok else "skipped")
             bar.update(1)
             if save_every and step % save_every == 0 and step < total:
                 self.save_state(index, step, optimizer, scheduler)
@@ -482,7 +553,9 @@ class Trainer:
         if left:  # nothing on load would rebuild these adapters: refuse rather than drop them silently
             raise RuntimeError(f"export: LoRA parameters outside every component survived the merge: {left[:5]}")
         self.model.requires_grad_(False)
-        return save_checkpoint(self.model, self.tokenizer, self.run_dir / "final", processor=self.processor)
+        return ckpts.publish_folder(
+            self.run_dir / "final", lambda tmp: save_checkpoint(self.model, self.tokenizer, tmp, processor=self.processor),
+            "final model", kept=ckpts.describe_kept(self.run_dir))
 
     def plot_loss(self) -> Path | None:
         if not self.metrics:
@@ -495,7 +568,9 @@ class Trainer:
         fig, ax = plt.subplots(figsize=(7, 4))
         x0 = 0
         for name in dict.fromkeys(m["stage"] + f"#{m['stage_index']}" for m in self.metrics):
-            pts = [m for m in self.metrics if m["stage"] + f"#{m['stage_index']}" == name]
+            pts = [m for m in self.metrics if m["stage"] + f"#{m['stage_index']}" == name and m["loss"] is not None]
+            if not pts:
+                continue
             xs = [x0 + m["step"] for m in pts]
             ax.plot(xs, [m["loss"] for m in pts], label=name.split("#")[0])
             x0 = xs[-1]

@@ -2,8 +2,9 @@
 
 Stores the connector's *prepared* input of one named tower (its selected hidden states after the prefix strategy
 and the connector's parameter-free ``prepare_tower``: pooling, Dense Connector fusion; before anything trainable)
-per image path, in memory and optionally on disk (one safetensors file per key under ``cache_dir()/features``), so
-repeated runs on the same images skip the tower entirely.
+per image *content* (a digest of the file's bytes), in memory and optionally on disk (one self-indexed
+safetensors file per key under ``cache_dir()/features``, replaced atomically under a file lock), so repeated and
+concurrent runs on the same images skip the tower entirely and a replaced image is never served stale features.
 
 The key of a (tower, connector) pair is :func:`tower_cache_key`: the tower's config and facts, a fingerprint of its
 weights, its transform, the layers the connector takes from it and the connector's prepare signature.
@@ -15,16 +16,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from vlweave import assets
+from vlweave.data.images import file_digest
+from vlweave.safe_io import DamagedFileError, disk_full_guard, verify_safetensors
 from vlweave.processing import load_image, tower_transform  # noqa: F401  (re-exported: older imports read it from here)
 from vlweave.vision.towers import BASE_TOWER
+
+
+# Entries keyed by image content in one self-indexed file (format 1 was keyed by path with a separate JSON index;
+# its files get another key, so they are never read as this format).
+CACHE_FORMAT = "content-v2"
 
 
 @torch.no_grad()
@@ -51,12 +62,20 @@ def tower_cache_key(model, tower: str = BASE_TOWER) -> str:
         "strategy": spec.select_strategy,
         "transform": spec.transform_desc(),
         "weights": weights_fingerprint(model.vision_towers[tower]),
+        "format": CACHE_FORMAT,
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class FeatureStore:
-    """Image path -> the prepared feature tensors [N, C] of one frozen tower (create through :class:`FeatureCache`)."""
+    """Image -> the prepared feature tensors [N, C] of one frozen tower (create through :class:`FeatureCache`).
+
+    Entries are keyed by the image file's *content* (:func:`vlweave.data.images.file_digest`), not its path: an
+    image replaced on disk gets new features, two paths to the same bytes share one entry.  On disk a store is ONE
+    safetensors file (tensors named ``<digest>.<layer>``), written to a temp file and renamed, so a kill can never
+    leave features paired with the wrong images; saving takes a file lock and merges what other runs added
+    meanwhile, so concurrent runs on one cache lose nothing.
+    """
 
     def __init__(
         self,
@@ -75,54 +94,97 @@ class FeatureStore:
         self.batch_size = batch_size
         self.key = tower_cache_key(model, tower)
         self.path = assets.cache_dir() / "features" / f"{self.key}.safetensors" if persist else None
-        self._feats: dict[str, list[torch.Tensor]] = {}
-        self._dirty = False
+        self._by_digest: dict[str, list[torch.Tensor]] = {}  # content digest -> per-layer tensors
+        self._feats: dict[str, list[torch.Tensor]] = {}  # image path -> the tensors of its current content
+        self._path_digest: dict[str, str] = {}  # image path -> the digest its ``_feats`` entry was made from
+        self._new: set[str] = set()  # digests computed here and not yet saved
         if self.path is not None and self.path.exists():
-            self._load()
+            self._by_digest.update(self._read(self.path))
 
-    def _load(self) -> None:
-        data = load_file(str(self.path))
-        index = json.loads(self.path.with_suffix(".json").read_text())
-        for i, p in enumerate(index["paths"]):
-            self._feats[p] = [data[f"{i}.{j}"] for j in range(index["num_layers"])]
+    @staticmethod
+    def _read(path: Path, warn: bool = True) -> dict[str, list[torch.Tensor]]:
+        """The entries of a store file; a damaged file (truncated by a full disk, say) is ignored with a warning
+        and rebuilt, never half-read."""
+        try:
+            verify_safetensors(path)
+            data = load_file(str(path))
+        except (DamagedFileError, OSError, SafetensorError) as exc:
+            if warn:
+                warnings.warn(f"{path}: feature cache file unreadable ({exc}); recomputing its features", stacklevel=3)
+            return {}
+        grouped: dict[str, dict[int, torch.Tensor]] = {}
+        for name, t in data.items():
+            digest, layer = name.rsplit(".", 1)
+            grouped.setdefault(digest, {})[int(layer)] = t
+        return {d: [layers[j] for j in range(len(layers))] for d, layers in grouped.items()}
 
     def save(self) -> None:
-        if self.path is None or not self._dirty:
+        if self.path is None or not self._new:
             return
+        from filelock import FileLock
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        paths = sorted(self._feats)
-        tensors = {f"{i}.{j}": t.contiguous() for i, p in enumerate(paths) for j, t in enumerate(self._feats[p])}
-        tmp = self.path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(self.path)
-        num_layers = len(next(iter(self._feats.values()))) if self._feats else 0
-        self.path.with_suffix(".json").write_text(json.dumps({"paths": paths, "num_layers": num_layers}))
-        self._dirty = False
+        with FileLock(str(self.path) + ".lock"):
+            on_disk = self._read(self.path, warn=False) if self.path.exists() else {}  # what others added
+            merged = {**on_disk, **{d: self._by_digest[d] for d in self._new}}
+            tensors = {f"{d}.{j}": t.contiguous() for d in sorted(merged) for j, t in enumerate(merged[d])}
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            with disk_full_guard(self.path, "feature cache"):
+                try:
+                    save_file(tensors, str(tmp), metadata={"format": CACHE_FORMAT})
+                    os.replace(tmp, self.path)
+                finally:
+                    tmp.unlink(missing_ok=True)
+            for d, layers in on_disk.items():
+                self._by_digest.setdefault(d, layers)
+        self._new.clear()
+
+    def _current(self, path: str) -> tuple[str, bool]:
+        """(digest of the file now, whether ``_feats[path]`` holds its features)."""
+        digest = file_digest(path)
+        if self._path_digest.get(path) != digest and digest in self._by_digest:
+            self._feats[path], self._path_digest[path] = self._by_digest[digest], digest
+        return digest, self._path_digest.get(path) == digest
 
     def __contains__(self, path: str) -> bool:
-        return path in self._feats
+        try:
+            return self._current(path)[1]
+        except OSError:  # no such file (any more): nothing cached for it
+            return False
 
     @torch.no_grad()
     def ensure(self, paths: Sequence[str], progress: bool = True, desc: str = "caching tower features") -> None:
-        """Run the tower on every image not yet cached (batched, with a progress bar)."""
-        missing = sorted({p for p in paths if p is not None and p not in self._feats})
-        if not missing:
+        """Run the tower on every image whose current content is not cached yet (batched, with a progress bar)."""
+        todo: dict[str, list[str]] = {}  # digest -> paths with that content
+        for p in sorted({p for p in paths if p is not None}):
+            digest, ok = self._current(p)
+            if not ok:
+                todo.setdefault(digest, []).append(p)
+        if not todo:
             return
         self.model.eval()
-        bar = tqdm(total=len(missing), desc=desc, disable=not progress, unit="img")
-        for start in range(0, len(missing), self.batch_size):
-            chunk = missing[start : start + self.batch_size]
-            pixels = torch.stack([self.transform(load_image(p)) for p in chunk])
+        digests = list(todo)
+        bar = tqdm(total=len(digests), desc=desc, disable=not progress, unit="img")
+        for start in range(0, len(digests), self.batch_size):
+            chunk = digests[start : start + self.batch_size]
+            pixels = torch.stack([self.transform(load_image(todo[d][0])) for d in chunk])
             feats = self.model.prepare_tower_features(self.tower, pixels)
-            for i, p in enumerate(chunk):
-                self._feats[p] = [f[i].to(device="cpu", dtype=self.dtype).clone() for f in feats]  # cache lives in host RAM
+            for i, d in enumerate(chunk):
+                # the cache lives in host RAM
+                self._by_digest[d] = [f[i].to(device="cpu", dtype=self.dtype).clone() for f in feats]
+                self._new.add(d)
+                for p in todo[d]:
+                    self._feats[p], self._path_digest[p] = self._by_digest[d], d
             bar.update(len(chunk))
         bar.close()
-        self._dirty = True
         self.save()
 
     def batch(self, paths: Sequence[str]) -> list[torch.Tensor]:
-        """Stacked per-layer features [B, N, C] for the given image paths (all must be cached)."""
+        """Stacked per-layer features [B, N, C] for the given image paths (an image changed on disk since it was
+        cached is recomputed, never served stale features)."""
+        stale = [p for p in paths if not self._current(p)[1]]
+        if stale:
+            self.ensure(stale, progress=False)
         rows = [self._feats[p] for p in paths]
         return [torch.stack([r[j] for r in rows]).float() for j in range(len(rows[0]))]
 

@@ -160,6 +160,18 @@ def _check_images(items: Sequence[Question], source: Path, *, optional: bool = F
     problems.raise_if_any()
 
 
+def _decode_images(items: Sequence[Question], source: Path) -> None:
+    """Every image file decodes (in parallel, cached by content), before any model is loaded."""
+    from vlweave.data.images import verify_images
+    from vlweave.data.llava_json import DataError
+
+    try:
+        verify_images([(f"question_id {it.question_id!r}", it.image) for it in items if isinstance(it.image, str)],
+                      source)
+    except DataError as exc:
+        raise BenchmarkDataError(str(exc)) from None
+
+
 def _read_questions(path: Path, image_folder: str | Path) -> list[Question]:
     """A LLaVA question file's questions (images are checked by :func:`_check_images`)."""
     try:
@@ -333,4 +345,5 @@ def load_benchmark(benchmark: str, data: str | Path, *, image_folder: str | Path
     inputs.items = select_groups(inputs.items, limit)
     if not inputs.items:
         raise BenchmarkDataError(f"{data_path}: no questions")
+    _decode_images(inputs.items, data_path)  # the selected questions' images, before any model is loaded
     return inputs

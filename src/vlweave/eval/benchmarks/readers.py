@@ -41,6 +41,7 @@ from vlweave.eval.benchmarks._common import MULTIPLE_CHOICE_SUFFIX, SHORT_ANSWER
 from vlweave.eval.benchmarks.mme import MME_SUBTASKS, canonical_mme_subtask, llava_mme_prompt
 from vlweave.eval.benchmarks.mmbench import CIRCULAR_OFFSET, build_multiple_choice_prompt
 from vlweave.eval.benchmarks.pope import POPE_SPLITS
+from vlweave.safe_io import read_text_file
 
 MAX_LISTED = 20
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -77,10 +78,7 @@ def _existing_file(path: str | Path) -> Path:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise BenchmarkDataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    return read_text_file(path, error=BenchmarkDataError)  # a non-UTF-8 byte: file, line and column
 
 
 def _load_json(path: Path) -> Any:
@@ -489,7 +487,8 @@ def read_mmbench_tsv(path: str | Path, *, image_dir: str | Path | None = None) -
                     continue
                 rows.append((where, dict(zip(header, row))))
     except UnicodeDecodeError as exc:
-        raise BenchmarkDataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+        read_text_file(path, error=BenchmarkDataError)  # raises naming the line and column of the bad byte
+        raise BenchmarkDataError(f"{path}: not UTF-8 text ({exc.reason})") from None
     except csv.Error as exc:
         raise BenchmarkDataError(f"{path}: malformed TSV ({exc})") from None
     finally:
