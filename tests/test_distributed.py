@@ -9,6 +9,7 @@ Two launches of 2 forked processes: one trains A (uninterrupted) and then B (kil
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -83,12 +84,16 @@ def runs(tmp_path_factory):
     for name, out in (("A", "A"), ("B", "B-kill"), ("B.resume", "B-kill")):
         paths[name] = tmp / f"{name}.yaml"
         run_cfg(tmp, out, ACCUM).save(paths[name])
-    launch([paths["A"], paths["B"]], report, killed=True)
+    nan = make_run(tmp, out="C-nan", stages=[align_stage(max_steps=3, batch_size=PER_DEVICE, grad_accum=1)])
+    nan.train.on_nonfinite = "skip"
+    nan.save(paths.setdefault("C", tmp / "C.yaml"))
+    launch([paths["A"], paths["C"], paths["B"]], report, killed=True)
     assert (report / "A.rank0.json").exists() and (report / "A.rank1.json").exists()
     ckpts = sorted(p.name for p in (tmp / "B-kill" / "checkpoints").iterdir())
     assert ckpts == ["ckpt-s0-000002", "ckpt-s0-000004", "ckpt-s1-000002"], ckpts  # nothing after the kill
     launch([paths["B.resume"]], report)
-    return {"ref": ref, "tmp": tmp, "A": reports(report, "A"), "B": reports(report, "B.resume")}
+    return {"ref": ref, "tmp": tmp, "A": reports(report, "A"), "B": reports(report, "B.resume"),
+            "C": reports(report, "C")}
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(runs):
@@ -143,6 +148,15 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_one(runs):
     assert len(b[0]["seen"]) == 4  # the resumed launch ran only the 2 steps after the checkpoint (2 micro-batches each)
     wa, wb = final_weights(tmp / "A"), final_weights(tmp / "B-kill")
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
+
+
+def test_a_nan_on_one_rank_is_skipped_by_every_rank(runs):
+    """on_nonfinite=skip with a NaN loss on rank 1 only: both ranks skip that step and stay identical."""
+    main, other = runs["C"]
+    assert [s["step"] for s in main["skipped"]] == [s["step"] for s in other["skipped"]] == [2]
+    assert [m["loss"] is None for m in main["metrics"]] == [False, True, False]
+    assert main["connector"] == other["connector"]  # the same weights on both ranks (none applied the NaN step)
+    assert all(math.isfinite(x) for x in main["connector"])
 
 
 def test_resume_refuses_another_global_batch(runs, tmp_path):
