@@ -76,7 +76,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = RunConfig.load(preset_path(args.config), overrides)
     trainer = Trainer(cfg)
     summary = trainer.train(resume=args.resume)
-    print(json.dumps({"run_dir": str(trainer.run_dir), "final": str(trainer.run_dir / "final"), **summary}, indent=2))
+    if trainer.is_main:  # under `accelerate launch`, one summary (rank 0's)
+        print(json.dumps({"run_dir": str(trainer.run_dir), "final": str(trainer.run_dir / "final"), **summary}, indent=2))
     return 0
 
 

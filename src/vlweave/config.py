@@ -136,6 +136,13 @@ class TrainConfig:
     bf16: bool = True  # autocast where the hardware supports it
     cache_features: bool = True  # frozen-feature cache: a frozen tower runs once per image
     save_every: int = 0  # steps; 0 = only at stage ends
+    # auto | no | bf16 | fp16: auto = `accelerate launch`'s mixed_precision when launched, else bf16 where native
+    # (and `bf16` above allows it); fp16 (loss scaling) on CUDA only.  See train/distributed.py.
+    mixed_precision: str = "auto"
+    # Components that recompute activations in backward: language, vision (every tower), vision.<name>.
+    gradient_checkpointing: list[str] = field(default_factory=list)
+    # DDP only: for connectors/modules whose parameters do not all get a gradient every step.
+    find_unused_parameters: bool = False
     keep_checkpoints: int | None = None  # keep the newest N checkpoints (None: all); >= 2 leaves a fallback
     on_nonfinite: str = "stop"  # NaN/inf loss or gradient: "stop" (exit non-zero) or "skip" the batch (counted)
     log_every: int = 10

@@ -151,7 +151,9 @@ def load_resume_point(ckpt: Path) -> ResumePoint:
         raise DamagedFileError(problem)
     try:
         state = torch.load(ckpt / "state.pt", weights_only=False)
-        state["optimizer"], state["scheduler"], state["rng"]
+        state["rng"]
+        if not (ckpt / "engine").is_dir():  # sharded engines (FSDP/DeepSpeed) keep these in engine/ instead
+            state["optimizer"], state["scheduler"]
     except Exception as exc:  # a damaged pickle raises anything: UnpicklingError, EOFError, RuntimeError, ...
         raise DamagedFileError(f"state.pt does not load ({type(exc).__name__}: {exc})") from None
     return ResumePoint(ckpt, progress, trained, state)

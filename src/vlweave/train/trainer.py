@@ -3,21 +3,26 @@
 Readable top to bottom: build -> per stage (data, tune policy, optimizer, schedule) -> steps -> checkpoints.
 Determinism: the order of samples is a pure function of (seed, stage index, epoch), so a run resumed from any
 checkpoint sees the same batches and reproduces the uninterrupted loss curve.
+Distributed: model, optimizer, data and scheduler go through ``Accelerator.prepare`` each stage, so ``accelerate
+launch`` (DDP, FSDP, DeepSpeed) runs the same loop; the plan is the *global* batch (``batch_size`` per process x
+processes x ``grad_accum``), sharded by rank; only rank 0 writes.  The decisions around accelerate live in
+``train/distributed.py``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import send_to_device
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -33,6 +38,17 @@ from vlweave.processing import IGNORE_INDEX, make_transform
 from vlweave.processor import VlweaveProcessor
 from vlweave.safe_io import atomic_write_text
 from vlweave.train import checkpoints as ckpts
+from vlweave.train.distributed import (
+    configure_stage,
+    enable_gradient_checkpointing,
+    engine_inputs,
+    gather_rng_states,
+    is_sharded,
+    make_accelerator,
+    planned_loader,
+    set_rng_state,
+    share_feature_cache,
+)
 from vlweave.train.guards import (
     DataWarnings,
     NonFiniteGuard,
@@ -76,14 +92,16 @@ def encode_samples(samples: list[Sample], processor: VlweaveProcessor, template:
     return out
 
 
-def step_start(ckpt, index: int, start_stage: int, start_step: int, stage: StageConfig) -> int:
-    """First micro-batch a stage will run: after the resumed step when resuming into this stage, else 0."""
-    return start_step * stage.grad_accum if ckpt is not None and index == start_stage else 0
+def step_start(ckpt, index: int, start_stage: int, start_step: int, stage: StageConfig, world: int = 1) -> int:
+    """First (global) micro-batch a stage will run: after the resumed step when resuming into this stage, else 0."""
+    return start_step * stage.grad_accum * world if ckpt is not None and index == start_stage else 0
 
 
-def plan_batches(n: int, stage: StageConfig, seed: int, index: int) -> tuple[int, list[list[int]]]:
-    """Deterministic micro-batch index lists for a stage: epochs of seeded permutations, concatenated."""
-    per_step = stage.batch_size * stage.grad_accum
+def plan_batches(n: int, stage: StageConfig, seed: int, index: int, world: int = 1) -> tuple[int, list[list[int]]]:
+    """Deterministic micro-batch index lists for a stage: epochs of seeded permutations, concatenated.
+    One optimizer step takes ``grad_accum * world`` consecutive micro-batches (``world`` processes; the prepared
+    loader gives micro-batch ``j`` to rank ``j % world``), so the plan depends on the global batch only."""
+    per_step = stage.batch_size * stage.grad_accum * world
     total = max(1, math.ceil(n * stage.epochs / per_step))
     if stage.max_steps is not None:
         total = min(total, stage.max_steps)
@@ -117,9 +135,14 @@ class Trainer:
         self.model, self.tokenizer = build_model(cfg)
         self.processor = VlweaveProcessor.from_model(self.model, self.tokenizer)
         self.transforms = self.processor.transforms
-        bf16 = cfg.train.bf16 and bf16_available()
-        self.accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
+        self.accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.bf16,
+                                            find_unused_parameters=cfg.train.find_unused_parameters)
+        self.is_main = self.accelerator.is_main_process  # only rank 0 writes checkpoints, logs, plots, exports
+        self.progress = progress and self.is_main  # one set of progress bars
         self.model.to(self.accelerator.device)
+        if cfg.train.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model, cfg.train.gradient_checkpointing)
+        self._engine = None  # the model as prepared by accelerate for the current stage (DDP/FSDP/DeepSpeed wrapper)
         self.store: FeatureCache | None = None
         vision_trained = any(p != "frozen" for s in cfg.train.stages for c, p in s.tune.items()
                              if c == "vision" or c.startswith("vision."))
@@ -130,7 +153,8 @@ class Trainer:
         # store exactly these tensors (``trained_names``).
         self.trained: dict[str, set[str]] = {}
         self._legacy_trained: set[str] = set()  # tensor names from a checkpoint saved before components
-        cfg.save(self.run_dir / "config.yaml")
+        if self.is_main:
+            cfg.save(self.run_dir / "config.yaml")
 
     # ---- helpers --------------------------------------------------------------------------------------
     @staticmethod
@@ -229,28 +253,51 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------------------
     def save_state(self, stage_index: int, step: int, optimizer, scheduler) -> Path:
         """Atomic checkpoint (``checkpoints.publish_folder``): trained tensors, optimizer, scheduler, RNG, metrics
-        so far, the data fingerprints; then the oldest beyond ``train.keep_checkpoints`` are deleted."""
+        so far, the data fingerprints; then the oldest beyond ``train.keep_checkpoints`` are deleted.
+        Every rank calls it (RNG states are gathered); only rank 0 writes, except that a sharded engine (FSDP,
+        DeepSpeed) also saves its own state through ``accelerator.save_state`` (each rank its shards)."""
+        acc = self.accelerator
         name = f"ckpt-s{stage_index}-{step:06d}"
         final = self.run_dir / "checkpoints" / name
-        tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        rngs = gather_rng_states(acc)  # every rank's, so that each resumed rank continues its own stream
+        sharded = is_sharded(acc)
+        if sharded:  # full tensors gathered from the shards (a collective), the engine's own state beside them
+            tensors = acc.get_state_dict(self._engine)
+            engine_dir = final.with_name(name + ".engine")
+            if self.is_main:
+                shutil.rmtree(engine_dir, ignore_errors=True)
+            acc.wait_for_everyone()
+            acc.save_state(str(engine_dir))
+            acc.wait_for_everyone()
+        else:
+            tensors = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        if not self.is_main:
+            acc.wait_for_everyone()
+            return final
+        stage = self.cfg.train.stages[stage_index]
         names = self.trained_names
         state = {n: t.detach().cpu().contiguous() for n, t in tensors.items() if n in names}
         assert_finite_tensors(state, str(final))
 
         def write(tmp: Path) -> None:
             save_file(state, str(tmp / "trained.safetensors"))
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": torch.get_rng_state(), "np_rng": np.random.get_state(), "py_rng": random.getstate()},
-                       tmp / "state.pt")
+            # (a sharded engine's optimizer and scheduler are in engine/, saved by accelerate)
+            engine_state = {} if sharded else {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            torch.save({**engine_state, **rngs[0], **({"ranks": rngs} if len(rngs) > 1 else {})}, tmp / "state.pt")
+            if sharded:
+                os.replace(engine_dir, tmp / "engine")
             (tmp / "progress.json").write_text(json.dumps(
                 {"stage_index": stage_index, "step": step, "trained": sorted(names),
                  "components": {c: sorted(k) for c, k in self.trained.items()}, "metrics": self.metrics,
                  "data": self.data_fingerprints, "nonfinite_skipped": self.guard.skipped,
-                 "checksums": ckpts.checksums(tmp)}))
+                 "checksums": ckpts.checksums(tmp),
+                 "world_size": acc.num_processes, "batch_size": stage.batch_size,
+                 "global_batch": stage.batch_size * stage.grad_accum * acc.num_processes}))
 
         final.parent.mkdir(parents=True, exist_ok=True)
         ckpts.publish_folder(final, write, "checkpoint", kept=ckpts.describe_kept(self.run_dir))
         ckpts.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        acc.wait_for_everyone()  # (if rank 0 fails to write, the launcher ends the other processes)
         return final
 
     @staticmethod
@@ -277,7 +324,12 @@ class Trainer:
                 self.trained = {c: set(k) for c, k in prog["components"].items()}
             else:  # saved before components: the tensor names themselves
                 self._legacy_trained = set(prog["trained"])
+        acc = self.accelerator
+        world = acc.num_processes
+        if ckpt is not None:
+            self._check_resume_batch(ckpt, prog, start_stage, world)
         t0 = time.time()
+        stopped_early = False
         for index, stage in enumerate(cfg.train.stages):
             if index < start_stage:
                 apply_tune_policy(self.model, stage, cfg.train.lora)  # same structure (LoRA) as the original run
@@ -287,39 +339,61 @@ class Trainer:
             if point is not None and index == start_stage:
                 self._load_trained(ckpt, point.trained)
             samples = self.stage_samples(index, stage)
-            total, mbs = plan_batches(len(samples), stage, cfg.train.seed, index)
-            first = step_start(ckpt, index, start_stage, start_step, stage)
+            total, mbs = plan_batches(len(samples), stage, cfg.train.seed, index, world)
+            first = step_start(ckpt, index, start_stage, start_step, stage, world)
             examples = self.encode_used(stage, samples, {i for mb in mbs[first:] for i in mb})
             if self.store is not None:
-                # Only the images this stage will actually see.
-                self.store.ensure([e["image"] for e in examples.values() if e["image"]], self.progress)
+                # Only the images this stage will actually see; built once, by rank 0.
+                self.store = share_feature_cache(acc, self.store, lambda: FeatureCache(self.model),
+                                                 [e["image"] for e in examples.values() if e["image"]],
+                                                 self.progress)
             optimizer = self._optimizer(stage)
             scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(stage.warmup_ratio * total), total)
             step = 0
-            if point is not None and index == start_stage:
+            resuming = point is not None and index == start_stage
+            if resuming:
                 state, point = point.state, None  # nothing of the checkpoint is held past this point
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                torch.set_rng_state(state["rng"])
-                np.random.set_state(state["np_rng"])
-                random.setstate(state["py_rng"])
+                if "optimizer" in state:  # (sharded engines: loaded by accelerate after prepare)
+                    optimizer.load_state_dict(state["optimizer"])
+                    scheduler.load_state_dict(state["scheduler"])
+                ranks = state.get("ranks")
+                set_rng_state(ranks[acc.process_index] if ranks and len(ranks) == world else state)
                 step = start_step
             if ckpt is None and index == 0:
                 self.calibrate_connector(examples)
+            optimizer, loader, scheduler = self._prepare(stage, optimizer, planned_loader(examples, mbs[first:],
+                                                                                          self.collate), scheduler)
+            if resuming and is_sharded(acc):
+                acc.load_state(str(ckpt / "engine"))
             if step < total:
                 try:
-                    self._run_stage(index, stage, examples, mbs, total, step, optimizer, scheduler)
+                    self._run_stage(index, stage, loader, total, step, optimizer, scheduler)
                 except NonFiniteLossError as exc:  # keep the log of what happened beside the finite checkpoints
-                    self._write_metrics({"train_seconds": time.time() - t0, "steps": len(self.metrics),
-                                         "stopped": str(exc)})
+                    if self.is_main:
+                        self._write_metrics({"train_seconds": time.time() - t0, "steps": len(self.metrics),
+                                             "stopped": str(exc)})
                     raise
-            self.save_state(index, total, optimizer, scheduler)
+            last = self.save_state(index, total, optimizer, scheduler)
+            self._unprepare()
+            if is_sharded(acc) and index + 1 < len(cfg.train.stages):
+                # FSDP/DeepSpeed wrap the model in place: a second stage (other trained parameters) cannot be
+                # prepared in the same process.  The stage-end checkpoint is there; --resume runs the next stage.
+                stopped_early = True
+                if self.is_main:
+                    print(f"stage {index} done under {acc.distributed_type.value}; run again with --resume "
+                          f"{self.run_dir} for stage {index + 1} (one stage per launch with sharded engines)")
+                break
         summary = {"train_seconds": time.time() - t0, "steps": len(self.metrics),
-                   "nonfinite_skipped": len(self.guard.skipped)}
-        self.data_warnings.announce()
-        self.export()
-        self.plot_loss()
-        self._write_metrics(summary)
+                   "nonfinite_skipped": len(self.guard.skipped), "processes": world}
+        if self.is_main:
+            self.data_warnings.announce()
+            if not stopped_early:
+                # A sharded engine leaves shards (FSDP) or placeholders (ZeRO-3) in the model: export rebuilds a
+                # plain one from the checkpoint that just gathered every trained tensor.
+                self.export_from_checkpoint(last) if is_sharded(acc) else self.export()
+            self.plot_loss()
+            self._write_metrics(summary)
+        acc.wait_for_everyone()
         return summary
 
     def _write_metrics(self, summary: dict[str, Any]) -> None:
@@ -328,6 +402,40 @@ class Trainer:
                           json.dumps({"summary": summary, "warnings": self.data_warnings.as_dict(),
                                       "nonfinite_skipped": self.guard.skipped, "log": self.metrics}, indent=1),
                           "training metrics")
+
+    def _prepare(self, stage: StageConfig, optimizer, loader, scheduler):
+        """Model, optimizer, data and scheduler through ``accelerator.prepare`` for one stage.  The model is
+        re-prepared per stage because DDP registers gradient hooks for the parameters trained when it is built
+        (a later stage's LoRA would otherwise never be synchronised).  ``self.model`` stays the plain model;
+        ``self._engine`` is the wrapper the forward runs through."""
+        acc = self.accelerator
+        configure_stage(acc, stage.batch_size, stage.grad_accum)
+        self._engine, optimizer, loader, scheduler = acc.prepare(self.model, optimizer, loader, scheduler)
+        return optimizer, loader, scheduler
+
+    def _unprepare(self) -> None:
+        """Drop accelerate's wrappers after a stage; the plain model keeps its (trained) parameters and its own
+        forward (accelerate patches ``forward`` with autocast under mixed precision)."""
+        acc = self.accelerator
+        if self._engine is not None and not is_sharded(acc):
+            acc.unwrap_model(self._engine, keep_fp32_wrapper=False)
+        acc.free_memory()
+        self._engine = None
+
+    def _check_resume_batch(self, ckpt: Path, prog: dict[str, Any], stage_index: int, world: int) -> None:
+        """A resumed stage must keep its per-process batch and global batch (the plan is a function of both);
+        the number of processes may change if ``grad_accum`` makes up for it."""
+        if "global_batch" not in prog or stage_index >= len(self.cfg.train.stages):
+            return  # saved before distributed runs: one process
+        stage = self.cfg.train.stages[stage_index]
+        now = (stage.batch_size, stage.batch_size * stage.grad_accum * world)
+        then = (prog["batch_size"], prog["global_batch"])
+        if now != then:
+            raise ValueError(
+                f"{ckpt}: saved with batch_size {then[0]} and global batch {then[1]} ({prog['world_size']} "
+                f"process(es)); resuming with batch_size {now[0]} x grad_accum {stage.grad_accum} x {world} "
+                f"process(es) = {now[1]} would change the batch plan. Keep batch_size and set grad_accum so that "
+                f"batch_size x grad_accum x processes = {then[1]}")
 
     @torch.no_grad()
     def calibrate_connector(self, examples: dict[int, dict[str, Any]], max_images: int = 512) -> None:
@@ -354,31 +462,48 @@ class Trainer:
             for n, t in state.items():
                 params[n].copy_(t)
 
-    def _run_stage(self, index, stage, examples: dict[int, dict[str, Any]], mbs, total, step, optimizer, scheduler) -> None:
+    def _run_stage(self, index, stage, loader, total, step, optimizer, scheduler) -> None:
+        """Steps ``step..total`` of a stage.  ``loader`` is this rank's shard of the remaining planned micro-batches
+        (already on the device); accelerate scales the loss by ``grad_accum`` and synchronises gradients only
+        on the last micro-batch of a step."""
         acc = self.accelerator
-        model = self.model
-        model.train()
+        model, engine = self.model, self._engine
+        world = acc.num_processes
+        engine.train()
         # No dropout (and no batch-norm statistics updates) in the towers; LM dropout follows its config.
         model.vision_towers.eval()
-        params = [p for p in model.parameters() if p.requires_grad]
-        bar = tqdm(total=total, initial=step, desc=f"stage {index} {stage.name}", disable=not self.progress,
-                   unit="step")
+        # Sharded engines clip over their own (flat/sharded) parameters; accelerate maps this to the engine's clip.
+        params = list(engine.parameters()) if is_sharded(acc) else [p for p in model.parameters() if p.requires_grad]
+        bar = tqdm(total=total, initial=step, desc=f"stage {index} {stage.name}",
+                   disable=not self.progress, unit="step")
         save_every = self.cfg.train.save_every
+        batches = iter(loader)
         while step < total:
             t_step = time.time()
             loss_sum, n_tok = 0.0, 0
             micro_losses: list[float] = []
             for k in range(stage.grad_accum):
-                batch = self.collate([examples[i] for i in mbs[step * stage.grad_accum + k]])
-                batch = send_to_device(batch, acc.device)  # nested per-layer feature lists included
-                with acc.autocast():
-                    out = model(**batch)
-                acc.backward(out.loss / stage.grad_accum)
+                batch = engine_inputs(next(batches), acc.distributed_type, acc.mixed_precision)
+                with acc.accumulate(engine):
+                    with acc.autocast():
+                        out = engine(**batch)
+                    acc.backward(out.loss)
                 micro_losses.append(float(out.loss.detach()))
                 loss_sum += micro_losses[-1]
                 n_tok += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            grad_norm = total_grad_norm(params, stage.max_grad_norm)
-            ok = self.guard.step_ok(stage.name, index, step + 1, micro_losses, float(grad_norm),
+            if world > 1:
+                # Every rank sees the global step's losses and token count: the logged loss is the global batch's
+                # (as in a 1-process run) and the non-finite guard decides the same on every rank.
+                per_rank = gather_object([(micro_losses, n_tok)])
+                micro_losses = [x for losses_r, _ in per_rank for x in losses_r]
+                loss_sum, n_tok = sum(micro_losses), sum(n for _, n in per_rank)
+            if is_sharded(acc):  # the engine's own clip (DeepSpeed clips in its step and reports no norm)
+                grad_norm = acc.clip_grad_norm_(params, stage.max_grad_norm) if stage.max_grad_norm else None
+            else:
+                acc.unscale_gradients()  # fp16: the loss scaler's factor out before the norm (a no-op otherwise)
+                grad_norm = total_grad_norm(params, stage.max_grad_norm)
+            ok = self.guard.step_ok(stage.name, index, step + 1, micro_losses,
+                                    None if grad_norm is None else float(grad_norm),
                                     lambda: ckpts.describe_kept(self.run_dir))
             if ok:
                 optimizer.step()
@@ -386,20 +511,36 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             rec = {"stage": stage.name, "stage_index": index, "step": step,
-                   "loss": loss_sum / stage.grad_accum if ok else None,
+                   "loss": loss_sum / len(micro_losses) if ok else None,
                    "lr": scheduler.get_last_lr()[-1], "tokens": n_tok, "seconds": time.time() - t_step}
             if not ok:
                 rec["skipped"] = self.guard.skipped[-1]["reason"]
-            if stage.max_grad_norm and ok:
+            if stage.max_grad_norm and ok and grad_norm is not None:
                 rec["grad_norm"] = float(grad_norm)
             self.metrics.append(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}" if ok else "skipped")
             bar.update(1)
             if save_every and step % save_every == 0 and step < total:
                 self.save_state(index, step, optimizer, scheduler)
+        # Finish the iteration (accelerate unregisters a loader only then); the plan gave each rank exactly its steps.
+        if next(batches, None) is not None:
+            raise RuntimeError(f"stage {index}: the planned loader has micro-batches left after step {total}")
         bar.close()
 
     # ---- outputs --------------------------------------------------------------------------------------
+    def export_from_checkpoint(self, ckpt: str | Path) -> Path:
+        """``export()`` of a checkpoint rather than of the live model: a freshly built model (same seed, so the
+        same untrained weights), the LoRA structure of every stage up to the checkpoint's, its trained tensors."""
+        ckpt = self.latest_checkpoint(ckpt)
+        prog = json.loads((ckpt / "progress.json").read_text())
+        self._seed_all(self.cfg.train.seed)
+        model, _ = build_model(self.cfg)
+        for stage in self.cfg.train.stages[: prog["stage_index"] + 1]:
+            apply_tune_policy(model, stage, self.cfg.train.lora)
+        self.model = model
+        self._load_trained(ckpt)
+        return self.export()
+
     def export(self) -> Path:
         """HF-format checkpoint at ``run_dir/final``, component by component: LoRA is folded into the base weights
         of the component that holds it (the LM, a tower); what cannot be merged -- the LM-side modules -- is saved
