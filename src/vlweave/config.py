@@ -99,6 +99,16 @@ class LoraConfig:
 
 
 @dataclass
+class MixConfig:
+    """Extra records mixed into a stage: ``round(ratio * N)`` of them, N being the stage's own record count (a
+    seeded sample; repeated only when the source is smaller).  MoVA mixes its routing instructions into SFT."""
+
+    path: str = ""  # LLaVA JSON/JSONL; may start with an asset name
+    ratio: float = 0.1
+    image_folder: str | None = None  # None: the file's folder
+
+
+@dataclass
 class StageConfig:
     """One training stage. ``tune`` maps component -> policy (``frozen | full | lora``)."""
 
@@ -106,6 +116,7 @@ class StageConfig:
     tune: dict[str, str] = field(default_factory=lambda: {"vision": "frozen", "connector": "full", "language": "lora"})
     template: str | None = None  # None: language.template (LLaVA's align stage uses "plain")
     data: str | None = None  # None: data.train (or data.align for the align stage)
+    mix: list[MixConfig] = field(default_factory=list)  # e.g. [{path: routing.json, ratio: 0.1}]
     epochs: float = 1.0
     max_steps: int | None = None  # caps epochs when set
     batch_size: int = 16

@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
+from vlweave.context import VlweaveContext
 from vlweave.eval.vqa import stop_token_ids
+from vlweave.language.routing import RoutingPool, check_routing_mode, fixed_routing, route_batch
 from vlweave.processing import load_image, make_transform
 from vlweave.processor import VlweaveProcessor
 from vlweave.vision.towers import BASE_TOWER
@@ -39,9 +41,20 @@ class ChatSession:
     from ``model`` and ``tokenizer``)."""
 
     def __init__(self, model, tokenizer, image: str | None = None, max_new_tokens: int = 128,
-                 video: str | None = None, num_frames: int = 8, processor: VlweaveProcessor | None = None) -> None:
+                 video: str | None = None, num_frames: int = 8, processor: VlweaveProcessor | None = None,
+                 routing: str | None = None, routing_seed: int = 0) -> None:
         if image and video:
             raise ValueError("chat about an image or a video, not both")
+        # Routed connectors (MoVA): each question is routed (the LM's routing pass, or a fixed mode) before it is
+        # answered; the base tower's features are computed once for the session.
+        self.pool = None
+        self.routing, self.routing_seed = routing, routing_seed
+        self.last_routing = None
+        if routing is not None:
+            if video:
+                raise ValueError("--routing applies to an image chat, not a video")
+            self.pool = RoutingPool.from_connector(model.connector)
+            check_routing_mode(routing, self.pool)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.processor = processor if processor is not None else VlweaveProcessor.from_model(model, tokenizer)
         self.max_new_tokens = max_new_tokens
@@ -49,8 +62,12 @@ class ChatSession:
         self.pixel_values = None
         self.pixel_values_videos = None
         self.num_visual_tokens = self.processor.num_image_tokens
+        self.base_features = None
         if image:
             self.pixel_values = self.processor.pixel_values([load_image(image)])
+            if self.pool is not None:
+                with torch.no_grad():
+                    self.base_features = model.prepare_tower_features(BASE_TOWER, self.pixel_values[BASE_TOWER])
         if video:
             self.pixel_values_videos = load_video_tensor(model, video, num_frames, self.processor)
             self.num_visual_tokens = model.num_video_tokens(num_frames)
@@ -64,10 +81,35 @@ class ChatSession:
         ids = self.processor.encode_prompt(self.turns, has_image=visual, num_image_tokens=self.num_visual_tokens,
                                            sample_id="chat")
         pad = self.processor.pad_token_id
+        if self.base_features is not None:
+            return self._ask_routed(text, ids, **generate_kwargs)
         out = self.model.generate(torch.tensor([ids]), pixel_values=self.pixel_values,
                                   pixel_values_videos=self.pixel_values_videos,
                                   max_new_tokens=self.max_new_tokens, do_sample=False,
                                   eos_token_id=stop_token_ids(self.tokenizer), pad_token_id=pad, **generate_kwargs)
+        answer = self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+        self.turns.append({"from": "gpt", "value": answer})
+        return answer
+
+    def _ask_routed(self, text: str, ids: list[int], **generate_kwargs: Any) -> str:
+        """Route this question (the LM's routing pass on the cached base features, or the fixed mode), then answer
+        with the chosen experts only."""
+        if self.routing == "model":
+            (decision,) = route_batch(self.model, self.processor, self.pool, [text], self.base_features,
+                                      stop_ids=stop_token_ids(self.tokenizer))
+        else:
+            decision = fixed_routing(self.routing, self.pool, f"chat:{len(self.turns)}", self.routing_seed)
+        self.last_routing = decision
+        texts = [t["value"].replace("<image>", "").strip() for t in self.turns if t["from"] == "human"]
+        context = VlweaveContext.for_batch([True], texts=[texts], routing=[list(decision.bits)])
+        rows = self.model.tower_rows(context)
+        experts = {n: v for n, v in self.pixel_values.items()
+                   if n != BASE_TOWER and (rows.get(n) is None or len(rows[n]))}
+        out = self.model.generate(torch.tensor([ids]), vision_features={BASE_TOWER: self.base_features},
+                                  pixel_values=experts or None, context=context,
+                                  max_new_tokens=self.max_new_tokens, do_sample=False,
+                                  eos_token_id=stop_token_ids(self.tokenizer), pad_token_id=self.processor.pad_token_id,
+                                  **generate_kwargs)
         answer = self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
         self.turns.append({"from": "gpt", "value": answer})
         return answer

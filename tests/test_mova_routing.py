@@ -1,0 +1,316 @@
+"""MoVA routing and expert towers (issue 13 items 1, 4-7): the routing parser, experts run on routed rows only
+(training, evaluation, cache), batched routing equals one by one, cached base equals uncached, routing data, bad
+routing records, stage mixing.  The MoV-Adapter itself is tested with its own connector; here a test-only routed
+``tower_concat`` (``routed_helpers.RoutedConcat``) stands in for it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import isolated_env, losses
+from routed_helpers import EXPERTS, TowerSpy, build_routed, routed_run, swap_connector
+from vlweave.context import VlweaveContext
+from vlweave.data.llava_json import DataError, load_llava_data
+from vlweave.data.questions import read_questions
+from vlweave.eval.runner import evaluate
+from vlweave.eval.vqa import generate_answers
+from vlweave.language.routing import (
+    RoutingError,
+    RoutingPool,
+    fixed_routing,
+    parse_routing_answer,
+    routing_bits,
+)
+from vlweave.processing import tower_pixels
+from vlweave.vision.cache import FeatureCache
+
+LETTERS = ("A", "B", "C", "D", "E")
+
+
+# ---- the parser ------------------------------------------------------------------------------------------------
+
+GOLDEN = [
+    ("A, D", [1, 0, 0, 1, 0], True),
+    ("none", [0, 0, 0, 0, 0], True),
+    ("None.", [0, 0, 0, 0, 0], True),
+    ("The answer is B", [0, 1, 0, 0, 0], True),
+    ("Because", [0, 0, 0, 0, 0], False),  # a capitalised word: no letter (the released substring rule says B)
+    ("Because C", [0, 0, 1, 0, 0], True),
+    ("A, B, C, D", [1, 1, 1, 0, 0], True),  # only the text before the third comma
+    ("A B C D E", [1, 1, 1, 0, 0], True),  # at most three letters, in order of appearance
+    ("E, E, A", [1, 0, 0, 0, 1], True),
+    ("", [0, 0, 0, 0, 0], False),
+    ("a, d", [0, 0, 0, 0, 0], False),  # lower-case letters are not letters of the pool
+    ("Z, X", [0, 0, 0, 0, 0], False),  # letters outside the map
+    ("Z, C", [0, 0, 1, 0, 0], True),
+    ("(D)", [0, 0, 0, 1, 0], True),
+    ("AD", [0, 0, 0, 0, 0], False),  # not a whole token
+]
+
+
+@pytest.mark.parametrize("answer,bits,parsed", GOLDEN)
+def test_routing_parser_golden(answer, bits, parsed):
+    assert parse_routing_answer(answer, LETTERS) == (bits, parsed)
+
+
+def test_routing_pool_prompt_bits_and_fixed_modes():
+    pool = RoutingPool(experts=("docs", "scenes", "charts"), letters=("A", "B", "C"),
+                       descriptions=("Documents.", "Scenes.", "Charts."), num_routing_tokens=4)
+    prompt = pool.prompt("What is written?")
+    assert prompt.endswith("Model pool:\nA. Documents.\nB. Scenes.\nC. Charts.\n\nQuestion:\nWhat is written?")
+    assert pool.answer_for([1, 0, 1]) == "A, C" and pool.answer_for([0, 0, 0]) == "none"
+    assert fixed_routing("A,C", pool, "q").bits == (1, 0, 1)
+    assert fixed_routing("scenes", pool, "q").experts == ("scenes",)
+    assert fixed_routing("all", pool, "q").bits == (1, 1, 1) and fixed_routing("none", pool, "q").bits == (0, 0, 0)
+    # random: seeded per question (not per batch), K in 0..3, and it differs between questions
+    draws = [fixed_routing("random", pool, f"q{i}", seed=3).bits for i in range(40)]
+    assert draws == [fixed_routing("random", pool, f"q{i}", seed=3).bits for i in range(40)]
+    assert len(set(draws)) > 3 and {sum(d) for d in draws} <= {0, 1, 2, 3}
+    with pytest.raises(RoutingError, match="--routing 'A,Q'.*letters"):
+        fixed_routing("A,Q", pool, "q")
+    with pytest.raises(RoutingError, match="3 experts"):
+        routing_bits([1, 0], pool.experts)
+
+
+# ---- experts run on routed rows only -----------------------------------------------------------------------------
+
+
+def _image_paths(cfg) -> list[str]:
+    return [str(p) for p in sorted((Path(cfg.data.train).parent / "images").glob("*.png"))]
+
+
+def test_unrouted_expert_never_runs_and_mixed_batch_equals_one_by_one(tmp_path, monkeypatch):
+    with isolated_env(tmp_path / "cache"):
+        model, tok = build_routed(routed_run(tmp_path))
+        model.eval()
+        images = _image_paths(routed_run(tmp_path))[:3]
+        routing = [[1, 0], [0, 0], [0, 1]]  # docs only, no expert, scenes only
+        pixels = tower_pixels(model, images)
+        spy = TowerSpy(model, monkeypatch)
+        ctx = VlweaveContext.for_batch([True, False, True, True], routing=[routing[0], None, routing[1], routing[2]])
+        with torch.no_grad():
+            feats = model.tower_features(pixels, None, ctx)
+            tokens = model.connector(feats, ctx).tokens
+        assert spy.rows == {"base": [3], "docs": [1], "scenes": [1]}
+        # Unrouted rows are zeros of the prepared shape.
+        assert feats["docs"][0].shape[0] == 3 and not feats["docs"][0][1:].any() and feats["docs"][0][0].any()
+        assert not feats["scenes"][0][:2].any() and feats["scenes"][0][2].any()
+        # One by one: the same tokens.
+        for k in range(3):
+            one = VlweaveContext.for_batch([True], routing=[routing[k]])
+            with torch.no_grad():
+                alone = model.connector(model.tower_features({n: v[k:k + 1] for n, v in pixels.items()}, None, one),
+                                        one).tokens
+            torch.testing.assert_close(alone[0], tokens[k], atol=1e-6, rtol=0)
+        # No expert routed in the whole batch: no expert runs, not even for its shape.
+        spy.rows.clear()
+        none = VlweaveContext.for_batch([True, True], routing=[[0, 0], [0, 0]])
+        with torch.no_grad():
+            feats = model.tower_features({"base": pixels["base"][:2]}, None, none)
+        assert spy.rows == {"base": [2]} and feats["docs"][0].shape == (2, 16, 24)
+        # From cached features of the routed rows only (FeatureCache.batch(rows=...)): the same features.
+        rows = model.tower_rows(ctx)
+        assert rows["docs"].tolist() == [0] and rows["scenes"].tolist() == [2] and rows["base"] is None
+        with torch.no_grad():
+            again = model.tower_features(pixels, {"docs": [model.prepare_tower_features("docs", pixels["docs"][:1])[0]]},
+                                         ctx)
+        torch.testing.assert_close(again["docs"][0], model.tower_features(pixels, None, ctx)["docs"][0])
+
+
+def _write_routed_records(cfg, routing_by_index: dict[int, object]) -> list[dict]:
+    path = Path(cfg.data.train)
+    records = json.loads(path.read_text())
+    for i, r in enumerate(records):
+        r.pop("routing", None)
+        if i in routing_by_index:
+            r["routing"] = routing_by_index[i]
+    path.write_text(json.dumps(records))
+    return records
+
+
+def test_training_runs_experts_on_routed_rows_cached_equals_uncached(tmp_path, monkeypatch):
+    import vlweave.train.trainer as trainer_mod
+    from vlweave.builder import build_model as real_build
+
+    def build(cfg):
+        model, tok = real_build(cfg)
+        return swap_connector(model), tok
+
+    monkeypatch.setattr(trainer_mod, "build_model", build)
+    routing = {i: ([1, 0] if i % 4 == 0 else ["scenes"] if i % 4 == 1 else [0, 0] if i % 4 == 2 else ["docs", "scenes"])
+               for i in range(16)}
+    with isolated_env(tmp_path / "cache"):
+        cfg = routed_run(tmp_path, cache_features=True, out="cached")
+        records = _write_routed_records(cfg, routing)
+        trainer = trainer_mod.Trainer(cfg, progress=False)
+        assert trainer.pool is not None and trainer.pool.experts == EXPERTS
+        spy = TowerSpy(trainer.model, monkeypatch)
+        trainer.train()
+        images = {r["id"]: r["image"] for r in records}
+        docs = {Path(images[f"s{i:02d}"]).name for i in range(16) if i % 4 in (0, 3)}
+        scenes = {Path(images[f"s{i:02d}"]).name for i in range(16) if i % 4 in (1, 3)}
+        stores = trainer.store.stores
+        assert {Path(p).name for p in stores["docs"]._feats} <= docs and len(stores["docs"]._feats) > 0
+        assert {Path(p).name for p in stores["scenes"]._feats} <= scenes
+        assert len(stores["base"]._feats) >= len(stores["docs"]._feats)
+        assert spy.total("docs") == len(stores["docs"]._feats) and spy.total("scenes") == len(stores["scenes"]._feats)
+        curve = losses(trainer.metrics)
+        assert curve[-1] < curve[0]
+
+        uncached = trainer_mod.Trainer(routed_run(tmp_path, cache_features=False, out="uncached"), progress=False)
+        spy2 = TowerSpy(uncached.model, monkeypatch)
+        uncached.train()
+        torch.testing.assert_close(torch.tensor(losses(uncached.metrics)), torch.tensor(curve), atol=1e-5, rtol=0)
+        # Without the cache the experts ran on the routed rows of each batch only.
+        assert spy2.total("docs") < spy2.total("base") and spy2.total("scenes") < spy2.total("base")
+
+
+# ---- coarse routing at inference ---------------------------------------------------------------------------------
+
+
+def _questions(cfg, text_only: int = 1):
+    qs = read_questions(cfg.eval.data, str(Path(cfg.eval.data).parent))
+    for q in qs[:text_only]:
+        q.image = None
+    return qs
+
+
+ROUTE_ANSWERS = ["A", "B", "A, B", "none", "Because"]
+
+
+def _image_dependent_router(model, tok, monkeypatch):
+    """Make the routing pass answer by looking at the image (a stand-in for a trained router: the tiny random LM
+    answers the same gibberish for every image), so that batching or caching mistakes would pair decisions with
+    the wrong rows.  The answer pass is the real generation."""
+    real = model.generate
+
+    def generate(input_ids, *args, context=None, vision_features=None, **kw):
+        if context is None or not context.routing_pass:
+            return real(input_ids, *args, context=context, vision_features=vision_features, **kw)
+        base = vision_features["base"][0]
+        rows = [tok(ROUTE_ANSWERS[int(round(abs(float(base[r].sum())) * 10)) % len(ROUTE_ANSWERS)],
+                    add_special_tokens=False)["input_ids"] for r in range(base.shape[0])]
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [tok.eos_token_id] * (width - len(r)) for r in rows])
+
+    monkeypatch.setattr(model, "generate", generate)
+
+
+def test_routing_pass_batched_equals_one_by_one_and_cached_equals_uncached(tmp_path, monkeypatch):
+    with isolated_env(tmp_path / "cache"):
+        cfg = routed_run(tmp_path)
+        model, tok = build_routed(cfg)
+        qs = _questions(cfg)
+        # The real routing pass first: it runs (all bits 0, pooled tokens) and never raises on gibberish.
+        decisions: list = []
+        generate_answers(model, tok, qs, batch_size=6, max_new_tokens=2, progress=False, routing="model",
+                         decisions=decisions)
+        assert decisions[0] is None and all(d.mode == "model" and d.answer is not None for d in decisions[1:])
+        _image_dependent_router(model, tok, monkeypatch)
+        runs = {}
+        for name, bs, cached in (("batched", 6, False), ("single", 1, False), ("cached", 6, True)):
+            spy = TowerSpy(model, monkeypatch)
+            decisions = []
+            store = FeatureCache(model, persist=False) if cached else None
+            answers = generate_answers(model, tok, qs, batch_size=bs, max_new_tokens=4, store=store,
+                                       progress=False, routing="model", decisions=decisions)
+            runs[name] = (answers, [None if d is None else d.to_json() for d in decisions],
+                          {k: list(v) for k, v in spy.rows.items()})
+        assert runs["batched"][:2] == runs["single"][:2] == runs["cached"][:2]
+        decisions = runs["batched"][1]
+        assert decisions[0] is None
+        assert len({tuple(d["bits"]) for d in decisions[1:]}) >= 2  # the images were routed differently
+        n_img = len(qs) - 1
+        routed = {e: sum(e in d["experts"] for d in decisions[1:]) for e in EXPERTS}
+        assert all(0 < n < n_img for n in routed.values()), routed
+        # The base tower ran once per image for both passes; each expert only on the images routed to it.
+        for name in ("batched", "single", "cached"):
+            rows = runs[name][2]
+            assert sum(rows["base"]) == n_img, name
+            for e in EXPERTS:
+                assert sum(rows.get(e, [])) == routed[e], (name, e)
+
+
+def test_fixed_routing_mixed_batch_equals_one_by_one_and_predictions(tmp_path, monkeypatch):
+    with isolated_env(tmp_path / "cache"):
+        cfg = routed_run(tmp_path)
+        model, tok = build_routed(cfg)
+        qs = _questions(cfg)
+        decide = {str(q.question_id): fixed_routing("random", RoutingPool.from_connector(model.connector),
+                                                    str(q.question_id), seed=1).bits for q in qs}
+        kinds = {sum(b) > 0 for q, b in zip(qs, decide.values()) if q.has_image}
+        assert kinds == {True, False}  # routed and unrouted images, plus a text-only question
+        spy = TowerSpy(model, monkeypatch)
+        out = evaluate(model, tok, qs, out_dir=tmp_path / "eval", batch_size=6, max_new_tokens=4, progress=False,
+                       routing="random", routing_seed=1)
+        store_rows = {n: len(s._feats) for n, s in FeatureCache(model).stores.items()}
+        for e in EXPERTS:  # the expert stores computed exactly the routed images
+            j = EXPERTS.index(e)
+            assert store_rows[e] == sum(b[j] for q, b in zip(qs, decide.values()) if q.has_image)
+            assert spy.total(e) == store_rows[e]
+        single = generate_answers(model, tok, qs, batch_size=1, max_new_tokens=4, progress=False,
+                                  routing="random", routing_seed=1)
+        assert out["answers"] == single
+        preds = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+        assert preds[0]["routing"] is None
+        assert [tuple(p["routing"]["bits"]) for p in preds[1:]] == [decide[str(q.question_id)] for q in qs[1:]]
+        metrics = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
+        assert metrics["routing"]["mode"] == "random" and metrics["routing"]["routed"] == len(qs) - 1
+
+
+def test_unparseable_routing_answers_are_counted_not_fatal(tmp_path, monkeypatch):
+    import vlweave.language.routing as routing_mod
+
+    with isolated_env(tmp_path / "cache"):
+        cfg = routed_run(tmp_path)
+        model, tok = build_routed(cfg)
+        qs = _questions(cfg, text_only=0)
+        answers = iter(["A, B", "Because", "", "none", "b", "B"])
+        real = routing_mod.decision_from_answer
+        monkeypatch.setattr(routing_mod, "decision_from_answer", lambda pool, a: real(pool, next(answers)))
+        out = evaluate(model, tok, qs, out_dir=tmp_path / "eval", batch_size=6, max_new_tokens=2, progress=False,
+                       routing="model", use_cache=False)
+        stats = out["routing"]
+        assert stats["routed"] == 6 and stats["unparseable"] == 3
+        assert stats["expert_use"] == {"docs": 1, "scenes": 2}
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+
+
+def test_bad_routing_records_are_reported_by_id(tmp_path):
+    base = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nQ?"},
+                                                {"from": "gpt", "value": "A"}]}
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    records = [{**base, "id": "ok", "routing": [1, 0]}, {**base, "id": "short", "routing": [1]},
+               {**base, "id": "two", "routing": [0, 2]}, {**base, "id": "name", "routing": ["charts"]},
+               {**base, "id": "byname", "routing": ["scenes"]}, {**base, "id": "rp", "routing_pass": "yes"}]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    with pytest.raises(DataError) as err:
+        load_llava_data(tmp_path / "d.json", routing_experts=EXPERTS)
+    msg = str(err.value)
+    assert "4 problem(s)" in msg
+    assert "'short'): 'routing' has 1 bits; the model has 2 experts" in msg
+    assert "'two'): 'routing' must be a list of expert names or of 0/1 bits" in msg
+    assert "'name'): unknown expert(s) ['charts']" in msg
+    assert "'rp'): 'routing_pass' must be true or false" in msg
+    good = load_llava_data(tmp_path / "d.json", routing_experts=EXPERTS) if False else None
+    (tmp_path / "g.json").write_text(json.dumps([records[0], records[4]]))
+    assert [s.routing for s in load_llava_data(tmp_path / "g.json", routing_experts=EXPERTS)] == [[1, 0], [0, 1]]
+    assert good is None
+
+
+def test_an_expert_that_fails_to_load_names_the_expert_and_its_path(tmp_path):
+    from vlweave.builder import build_model
+
+    cfg = routed_run(tmp_path)
+    cfg.towers["docs"].random_init = False
+    cfg.towers["docs"].name = str(tmp_path / "no-such-expert")
+    with pytest.raises(ValueError, match=r"tower 'docs'.*no-such-expert"):
+        build_model(cfg)
