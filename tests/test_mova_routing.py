@@ -314,3 +314,90 @@ def test_an_expert_that_fails_to_load_names_the_expert_and_its_path(tmp_path):
     cfg.towers["docs"].name = str(tmp_path / "no-such-expert")
     with pytest.raises(ValueError, match=r"tower 'docs'.*no-such-expert"):
         build_model(cfg)
+
+
+# ---- routing data ------------------------------------------------------------------------------------------------
+
+
+def test_routing_data_writes_bits_and_instructions_and_resumes(tmp_path, monkeypatch):
+    import vlweave.train.routing_data as rd
+    from vlweave.processor import VlweaveProcessor
+
+    with isolated_env(tmp_path / "cache"):
+        cfg = routed_run(tmp_path)
+        model, tok = build_routed(cfg)
+        processor = VlweaveProcessor.from_model(model, tok)
+        records = json.loads(Path(cfg.data.train).read_text())
+        records[3] = {"id": "text", "conversations": [{"from": "human", "value": "Say red."},
+                                                      {"from": "gpt", "value": "red"}], "extra": 7}
+        data = Path(cfg.data.train).parent / "records.json"
+        data.write_text(json.dumps(records[:8]))
+        full = rd.build_routing_data(model, processor, data, tmp_path / "full", batch_size=3, progress=False)
+
+        # The losses are the model's own per-sample losses with one bit on at a time.
+        samples = load_llava_data(data, Path(cfg.data.train).parent)
+        partial = rd._read_partial(tmp_path / "full" / rd.PARTIAL)
+        assert set(partial) == {s.id for s in samples if s.image} and len(partial) == 7
+        s0 = samples[0]
+        for j, name in [(None, "base"), (0, "docs"), (1, "scenes")]:
+            batch = processor(text=[s0.conversations], images=[s0.image])
+            batch["context"].routing = [[int(i == j) for i in range(2)]]
+            with torch.no_grad():
+                loss = float(model(**batch).loss)
+            assert partial[s0.id][name] == pytest.approx(loss, abs=1e-5), name
+        routed = json.loads((tmp_path / "full" / "routed.json").read_text())
+        assert [r["id"] for r in routed] == [r["id"] for r in records[:8]]
+        assert "routing" not in routed[3] and routed[3]["extra"] == 7
+        for r in routed:
+            if r["id"] in partial:
+                assert r["routing"] == rd.useful_experts(partial[r["id"]], EXPERTS)
+        instr = json.loads((tmp_path / "full" / "routing_instructions.json").read_text())
+        assert len(instr) == 7 and all(i["routing_pass"] for i in instr)
+        pool = RoutingPool.from_connector(model.connector)
+        by_id = {r["id"]: r for r in routed}
+        for i in instr:
+            rec = by_id[i["id"].removeprefix("route:")]
+            assert i["conversations"][1]["value"] == pool.answer_for(rec["routing"])
+            assert i["conversations"][0]["value"].startswith("<image>\n" + pool.instruction)
+        # The routed records and the instructions load as training data of this model.
+        assert len(load_llava_data(tmp_path / "full" / "routed.json", Path(cfg.data.train).parent,
+                                   routing_experts=EXPERTS)) == 8
+        assert all(s.routing_pass for s in load_llava_data(tmp_path / "full" / "routing_instructions.json"))
+        assert sum(row["useful"] for row in full["table"]) == sum(sum(r.get("routing", [])) for r in routed)
+
+        # Interrupted after the first batch, then resumed: the same files, and only the rest was scored.
+        real = rd.score_batch
+        calls: list[int] = []
+
+        def flaky(model_, processor_, pool_, chunk, **kw):
+            if calls:
+                raise KeyboardInterrupt
+            calls.append(len(chunk))
+            return real(model_, processor_, pool_, chunk, **kw)
+
+        monkeypatch.setattr(rd, "score_batch", flaky)
+        with pytest.raises(KeyboardInterrupt):
+            rd.build_routing_data(model, processor, data, tmp_path / "resumed", batch_size=3, progress=False)
+        assert len(rd._read_partial(tmp_path / "resumed" / rd.PARTIAL)) == 3
+        with open(tmp_path / "resumed" / rd.PARTIAL, "a") as fh:
+            fh.write('{"id": "s0')  # a line cut short by the interruption
+        seen: list[int] = []
+        monkeypatch.setattr(rd, "score_batch", lambda m, p, pl, chunk, **kw: seen.append(len(chunk)) or
+                            real(m, p, pl, chunk, **kw))
+        rd.build_routing_data(model, processor, data, tmp_path / "resumed", batch_size=3, progress=False)
+        assert sum(seen) == 4
+        for name in ("routed.json", "routing_instructions.json"):
+            assert (tmp_path / "resumed" / name).read_text() == (tmp_path / "full" / name).read_text()
+
+
+def test_routing_data_cli_refuses_a_connector_that_does_not_route(tmp_path, capsys):
+    from vlweave.builder import build_model, save_checkpoint
+    from vlweave.cli import main
+
+    with isolated_env(tmp_path / "cache"):
+        cfg = routed_run(tmp_path)
+        model, tok = build_model(cfg)
+        save_checkpoint(model, tok, tmp_path / "ckpt")
+        assert main(["mova", "routing-data", str(tmp_path / "ckpt"), "--data", cfg.data.train,
+                     "--output", str(tmp_path / "rd")]) == 2
+        assert "does not route between experts" in capsys.readouterr().err

@@ -150,7 +150,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_mova_routing_data(args: argparse.Namespace) -> int:
-    from vlweave.mova_routing_data import routing_data_from_checkpoint
+    from vlweave.train.routing_data import routing_data_from_checkpoint
 
     summary = routing_data_from_checkpoint(args.checkpoint, args.data, args.output, image_folder=args.image_folder,
                                            expert_checkpoints=args.expert_checkpoint, batch_size=args.batch_size,
