@@ -41,6 +41,7 @@ class RoutedConcatOptions(TowerConcatOptions):
     letters: tuple[str, ...] | None = None
     descriptions: tuple[str, ...] = DESCRIPTIONS
     num_routing_tokens: int = 4
+    routing_instruction: str | None = "Pick experts."  # short: the tiny test tokenizer spells unknown words out
 
 
 class RoutedConcat(TowerConcatConnector):

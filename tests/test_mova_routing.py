@@ -401,3 +401,87 @@ def test_routing_data_cli_refuses_a_connector_that_does_not_route(tmp_path, caps
         assert main(["mova", "routing-data", str(tmp_path / "ckpt"), "--data", cfg.data.train,
                      "--output", str(tmp_path / "rd")]) == 2
         assert "does not route between experts" in capsys.readouterr().err
+
+
+# ---- the recipe: stages, mixing, presets ------------------------------------------------------------------------
+
+
+def test_two_stage_recipe_trains_base_keeps_experts_frozen_and_mixes_routing_instructions(tmp_path, monkeypatch):
+    import vlweave.train.routing_data as rd
+    import vlweave.train.trainer as trainer_mod
+    from vlweave.builder import build_model as real_build
+    from vlweave.config import MixConfig, StageConfig
+    from vlweave.processor import VlweaveProcessor
+
+    def build(cfg):
+        model, tok = real_build(cfg)
+        return swap_connector(model), tok
+
+    monkeypatch.setattr(trainer_mod, "build_model", build)
+    with isolated_env(tmp_path / "cache"):
+        cfg = routed_run(tmp_path, cache_features=True)
+        model, tok = build(cfg)
+        rd.build_routing_data(model, VlweaveProcessor.from_model(model, tok), cfg.data.train, tmp_path / "rd",
+                              progress=False, batch_size=8)
+        cfg.data.train = str(tmp_path / "rd" / "routed.json")
+        cfg.data.image_folder = str(Path(routed_run(tmp_path).data.train).parent)
+        stage1 = StageConfig(name="pretrain", tune={"vision": "frozen", "vision.base": "full", "connector": "full",
+                                                    "language": "frozen"},
+                             max_steps=3, batch_size=4, lr=1e-3, warmup_ratio=0.0)
+        stage2 = StageConfig(name="finetune", tune={"vision": "frozen", "vision.base": "full", "connector": "full",
+                                                    "language": "full"},
+                             mix=[MixConfig(path=str(tmp_path / "rd" / "routing_instructions.json"), ratio=0.25)],
+                             max_steps=4, batch_size=6, lr=1e-3, warmup_ratio=0.0)
+        cfg.train.stages = [stage1, stage2]
+        trainer = trainer_mod.Trainer(cfg, progress=False)
+        assert set(trainer.store.stores) == {"docs", "scenes"}  # the trained base runs from pixels
+        samples = trainer.stage_samples(1, stage2)
+        mixed = [s for s in samples if s.routing_pass]
+        assert len(samples) == 16 + 4 and len(mixed) == 4 and all(s.id.startswith("mix0:route:") for s in mixed)
+        encoded = encode = trainer.encode_used(stage2, samples, set(range(len(samples))))
+        image_id = trainer.model.config.image_token_id
+        for i, s in enumerate(samples):
+            want = 4 if s.routing_pass else trainer.model.num_image_tokens
+            assert encoded[i]["input_ids"].count(image_id) == want
+        # A micro-batch with both kinds runs as two forwards; the routing pass sees bits 0 and pooled tokens.
+        some = [encode[16], encode[0], encode[17]]
+        trainer.store.ensure([e["image"] for e in some], False, paths_by_tower=trainer.routed_paths(some))
+        parts = trainer.collate_parts(some)
+        assert [p["context"].routing_pass for p in parts] == [False, True]
+        assert parts[1]["context"].routing == [[0, 0], [0, 0]]
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        trainer.train()
+        after = trainer.model.state_dict()
+        changed = {k.split(".")[1] for k in before if k.startswith("vision_towers.") and
+                   not torch.equal(before[k], after[k])}
+        assert changed == {"base"}  # the experts never train
+        assert len(losses(trainer.metrics, 1)) == 4 and all(torch.isfinite(torch.tensor(losses(trainer.metrics))))
+
+        bad = routed_run(tmp_path)
+        bad.train.stages = [StageConfig(name="x", tune={"vision": "full", "connector": "full"}, max_steps=1)]
+        with pytest.raises(ValueError, match=r"expert tower\(s\) \['docs', 'scenes'\] would be trained"):
+            trainer_mod.Trainer(bad, progress=False)
+
+
+@pytest.mark.parametrize("name", ["mova-synthetic", "mova-synthetic-routed", "mova-synthetic-concat"])
+def test_mova_presets(name):
+    from vlweave.config import RunConfig
+    from vlweave.presets import preset_path
+    from vlweave.train.policy import resolve_tune
+
+    cfg = RunConfig.load(preset_path(name))
+    assert cfg.vision.name == "dinov2-small" and cfg.vision.image_size == 112  # the demo's base
+    assert list(cfg.towers) == ["docs", "scenes"]
+    assert cfg.towers["docs"].image_size == 224 and cfg.towers["scenes"].name == "efficientnet-lite0"
+    comps = ["vision.base", "vision.docs", "vision.scenes", "connector", "language"]
+    for stage in cfg.train.stages:
+        tune = resolve_tune(stage, comps)
+        assert tune["vision.docs"] == tune["vision.scenes"] == "frozen"
+    if cfg.connector.type == "mova":
+        opts = cfg.connector.options
+        assert opts["experts"] == list(cfg.towers) and len(opts["descriptions"]) == len(opts["letters"]) == 2
+        assert [s.name for s in cfg.train.stages] == ["pretrain", "finetune"]
+        assert [resolve_tune(s, comps)["language"] for s in cfg.train.stages] == ["frozen", "lora"]
+        assert all(resolve_tune(s, comps)["vision.base"] == "full" for s in cfg.train.stages)
+    if name.endswith("routed"):
+        assert cfg.train.stages[1].mix[0].path.endswith("routing_instructions.json")

@@ -10,7 +10,8 @@ base tower's features computed for the routing pass.
 
 What a connector must offer to be routed: ``connector.options`` with ``experts`` (tower names, routing-bit order),
 ``letters`` (explicit letter -> expert map, same order), ``descriptions`` (one pool sentence per expert) and
-``num_routing_tokens``; the MoV-Adapter (``connectors/mova.py``) does.
+``num_routing_tokens`` (optionally ``routing_instruction``, another wording of the instruction); the MoV-Adapter
+(``connectors/mova.py``) does.
 
 Parsing (:func:`parse_routing_answer`), our reading of the released rule made safe:
 
@@ -86,7 +87,8 @@ class RoutingPool:
         experts = tuple(opts.experts)
         letters = tuple(opts.letters) if getattr(opts, "letters", None) else tuple(chr(ord("A") + i) for i in range(len(experts)))
         return cls(experts=experts, letters=letters, descriptions=tuple(opts.descriptions),
-                   num_routing_tokens=int(getattr(connector, "num_routing_tokens", opts.num_routing_tokens)))
+                   num_routing_tokens=int(getattr(connector, "num_routing_tokens", opts.num_routing_tokens)),
+                   instruction=getattr(opts, "routing_instruction", None) or ROUTING_INSTRUCTION)
 
     @property
     def num_experts(self) -> int:

@@ -111,6 +111,11 @@ class Trainer:
         components = self.model.components()
         trained_towers = {c.removeprefix("vision.") for s in cfg.train.stages
                           for c, p in resolve_tune(s, components).items() if c.startswith("vision.") and p != "frozen"}
+        if self.pool is not None:  # MoVA: the experts are frozen in every stage (methods.md §2c)
+            trained_experts = sorted(trained_towers & set(self.pool.experts))
+            if trained_experts:
+                raise ValueError(f"train.stages: expert tower(s) {trained_experts} would be trained; MoVA's experts "
+                                 f"stay frozen (tune them 'frozen', e.g. tune: {{vision: frozen, vision.base: full}})")
         frozen = [n for n in self.model.needed_towers() if n not in trained_towers]
         if cfg.train.cache_features and frozen:
             self.store = FeatureCache(self.model, towers=frozen)
