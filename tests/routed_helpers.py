@@ -10,6 +10,7 @@ live registry): :func:`routed_model` swaps it into a model built with ``tower_co
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -88,7 +89,7 @@ class RoutedConcat(TowerConcatConnector):
 
 def routed_run(tmp_path, **kw):
     cfg = make_run(tmp_path, vision="dinov2", connector="tower_concat", **kw)
-    cfg.towers = {"docs": DOCS, "scenes": SCENES}
+    cfg.towers = {"docs": copy.deepcopy(DOCS), "scenes": copy.deepcopy(SCENES)}
     return cfg
 
 

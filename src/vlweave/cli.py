@@ -98,8 +98,6 @@ def _cmd_eval_benchmark(args: argparse.Namespace) -> int:
     from vlweave.eval.benchmarks.inputs import load_benchmark
     from vlweave.eval.benchmarks.registry import get_benchmark
 
-    if args.routing is not None:
-        raise ValueError("--routing is not supported with --benchmark yet; use a question file (--data)")
     if args.prompt_suffix or args.subset_seed is not None:
         raise ValueError("--prompt-suffix and --subset-seed do not apply with --benchmark (the benchmark's own "
                          "prompt convention is used; --limit takes the first N questions)")
@@ -113,7 +111,8 @@ def _cmd_eval_benchmark(args: argparse.Namespace) -> int:
     max_new_tokens = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
     report = run_benchmark(model, tokenizer, inputs, out_dir=out_dir, parser=args.parser,
                            checkpoint=str(args.checkpoint), batch_size=args.batch_size,
-                           max_new_tokens=max_new_tokens, bf16=args.bf16, processor=processor)
+                           max_new_tokens=max_new_tokens, bf16=args.bf16, processor=processor,
+                           routing=args.routing, routing_seed=args.routing_seed)
     print(json.dumps({k: v for k, v in report.items() if k != "model"}, indent=2, default=str))
     if not report["scored"]:
         print(f"not scored: {report['unscored_reason']}", file=sys.stderr)

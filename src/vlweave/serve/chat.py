@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from vlweave.context import VlweaveContext
 from vlweave.eval.vqa import stop_token_ids
 from vlweave.language.routing import RoutingPool, check_routing_mode, fixed_routing, route_batch
 from vlweave.processing import load_image, make_transform
@@ -101,7 +100,10 @@ class ChatSession:
             decision = fixed_routing(self.routing, self.pool, f"chat:{len(self.turns)}", self.routing_seed)
         self.last_routing = decision
         texts = [t["value"].replace("<image>", "").strip() for t in self.turns if t["from"] == "human"]
-        context = VlweaveContext.for_batch([True], texts=[texts], routing=[list(decision.bits)])
+        # Through the processor, so the context carries what it fills for the connector (texts, text-encoder ids).
+        context = self.processor.collate([{"input_ids": ids}], [True], padding_side="left", texts=[texts],
+                                         pixel_values=False)["context"]
+        context.routing = [list(decision.bits)]
         rows = self.model.tower_rows(context)
         experts = {n: v for n, v in self.pixel_values.items()
                    if n != BASE_TOWER and (rows.get(n) is None or len(rows[n]))}

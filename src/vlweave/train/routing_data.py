@@ -23,6 +23,7 @@ its expert's bit on; the main model gives the base-only loss).
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,8 +33,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vlweave.context import VlweaveContext
-from vlweave.data.collate import pad_batch
 from vlweave.data.llava_json import Sample, _read_records, load_llava_data
 from vlweave.language.routing import RoutingPool, connector_routes
 from vlweave.processing import IGNORE_INDEX
@@ -94,12 +93,13 @@ def score_batch(model: Any, processor: VlweaveProcessor, pool: RoutingPool, samp
     encoded = [processor.encode_conversation(s.conversations, has_image=True, template=template,
                                              system_prompt=system_prompt, max_length=max_length, sample_id=s.id)
                for s in samples]
-    batch = pad_batch(encoded, processor.pad_token_id, padding_side="right", image_token_id=processor.image_token_id)
     images = [s.image for s in samples]
+    texts = [s.user_texts() for s in samples]
+    # Through the processor, so the context carries what it fills for the connector (texts, text-encoder ids).
+    batch = processor.collate(encoded, images, padding_side="right", texts=texts, pixel_values=False)
     device = next(model.parameters()).device
     pixels = {n: v.to(device) for n, v in processor.pixel_values(images).items()}
     base = model.prepare_tower_features(BASE_TOWER, pixels[BASE_TOWER])
-    texts = [s.user_texts() for s in samples]
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     results: list[dict[str, float]] = [{} for _ in samples]
     for j, name in [(None, BASE_KEY), *enumerate(pool.experts)]:
@@ -113,8 +113,9 @@ def score_batch(model: Any, processor: VlweaveProcessor, pool: RoutingPool, samp
             scorer_base = scorer.prepare_tower_features(BASE_TOWER, scorer_pixels[BASE_TOWER])
             bits = RoutingPool.from_connector(scorer.connector).bits_from([name]) if connector_routes(scorer) \
                 else None
-        ctx = VlweaveContext.for_batch([True] * len(samples), texts=texts,
-                                       routing=None if bits is None else [bits] * len(samples))
+        ctx = copy.copy(batch["context"])
+        ctx.routing = None if bits is None else [list(bits) for _ in samples]
+        ctx.guidance = {}
         inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels, "context": ctx,
                   "vision_features": {BASE_TOWER: scorer_base},
                   "pixel_values": {n: v for n, v in scorer_pixels.items() if n != BASE_TOWER}}
