@@ -143,13 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         "towers: docs expert on half the images": lambda: towers(half),
         "towers: no expert routed": lambda: towers([[0, 0]] * b),
     }
-    for fn in cases.values():  # warm-up
-        fn()
+    for name, fn in cases.items():  # warm-up
+        t, _ = timed(fn, 1)
+        print(f"warm-up {name}: {t:.2f} s", file=sys.stderr, flush=True)
     results: dict[str, list[float]] = {k: [] for k in cases}
-    for _ in range(args.reps):  # round-robin: machine-load changes hit every case alike
+    for rep in range(args.reps):  # round-robin: machine-load changes hit every case alike
         for name, fn in cases.items():
             t, _ = timed(fn, 1)
             results[name].append(t)
+        print(f"rep {rep + 1}/{args.reps} done", file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in results.items()}
     ans = med[f"answer ({args.answer_tokens} tokens, all experts)"]
     full = med["towers: both experts, every image"]

@@ -157,6 +157,11 @@ class EvalConfig:
     batch_size: int = 32
     max_new_tokens: int = 8
     prompt_suffix: str = ""  # e.g. "\nAnswer the question using a single word or phrase."
+    # A routed (MoVA) model: "model" (the LM routes each question: the coarse stage), or fixed for ablations --
+    # "all", "none", "random" (seeded by routing_seed) or letters/experts like "A,C"; None: no routing information
+    # (the connector's own default, for MoVA every expert on).
+    routing: str | None = None
+    routing_seed: int = 0
 
 
 @dataclass
