@@ -75,6 +75,16 @@ def build_tower(vision: VisionConfig) -> PreTrainedModel:
     return build_vision_model(vcfg) if vision.random_init else load_vision_model(vision.name)
 
 
+def _load_named_tower(name: str, vision: VisionConfig) -> PreTrainedModel:
+    """:func:`build_tower` with an error that names the tower (e.g. a MoVA expert) and the folder it read."""
+    try:
+        return build_tower(vision)
+    except (OSError, ValueError, KeyError) as err:
+        key = "vision" if name == BASE_TOWER else f"towers.{name}"
+        raise ValueError(f"tower {name!r} ({key}.name = {vision.name!r}, an asset name, hub id or folder) could "
+                         f"not be loaded: {err}") from err
+
+
 def extra_tower_entry(vision: VisionConfig, tower: PreTrainedModel) -> dict:
     """A ``VlweaveConfig.extra_vision_towers`` entry for a built tower."""
     mean, std = image_stats(vision, tower.config)
@@ -132,9 +142,9 @@ def build_model(cfg: RunConfig) -> tuple[VlweaveForConditionalGeneration, PreTra
     if BASE_TOWER in cfg.towers:
         raise ValueError(f"towers.{BASE_TOWER}: the base tower is `vision`; name the extra towers otherwise")
     tcfg = _auto_config(language.name, language.random_init, language.config_overrides)
-    tower = build_tower(vision)
+    tower = _load_named_tower(BASE_TOWER, vision)
     vcfg = tower.config
-    extra = {name: build_tower(v) for name, v in cfg.towers.items()}
+    extra = {name: _load_named_tower(name, v) for name, v in cfg.towers.items()}
     if language.random_init:
         lm = AutoModelForCausalLM.from_config(tcfg)
     else:

@@ -126,7 +126,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     max_new_tokens = 16 if args.max_new_tokens is None else args.max_new_tokens
     report = evaluate(model, tokenizer, questions, out_dir=out_dir, batch_size=args.batch_size,
                       max_new_tokens=max_new_tokens, prompt_suffix=args.prompt_suffix, bf16=args.bf16,
-                      processor=processor)
+                      processor=processor, routing=args.routing, routing_seed=args.routing_seed)
     report.pop("answers")
     _refresh_card(args.checkpoint, out_dir)
     print(json.dumps(report, indent=2))
@@ -161,7 +161,8 @@ def _cmd_eval_benchmark(args: argparse.Namespace) -> int:
     max_new_tokens = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
     report = run_benchmark(model, tokenizer, inputs, out_dir=out_dir, parser=args.parser,
                            checkpoint=str(args.checkpoint), batch_size=args.batch_size,
-                           max_new_tokens=max_new_tokens, bf16=args.bf16, processor=processor)
+                           max_new_tokens=max_new_tokens, bf16=args.bf16, processor=processor,
+                           routing=args.routing, routing_seed=args.routing_seed)
     _refresh_card(args.checkpoint, out_dir)
     print(json.dumps({k: v for k, v in report.items() if k != "model"}, indent=2, default=str))
     if not report["scored"]:
@@ -182,9 +183,12 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     model, tokenizer = load_checkpoint(args.checkpoint)
     session = ChatSession(model, tokenizer, image=args.image, max_new_tokens=args.max_new_tokens,
                           video=args.video, num_frames=args.frames,
-                          processor=load_processor(args.checkpoint, tokenizer))
+                          processor=load_processor(args.checkpoint, tokenizer), routing=args.routing,
+                          routing_seed=args.routing_seed)
     if args.prompt is not None:
         print(session.ask(args.prompt))
+        if session.last_routing is not None:
+            print(f"routing: {json.dumps(session.last_routing.to_json())}", file=sys.stderr)
         return 0
     print("vlweave chat — empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
@@ -195,6 +199,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         if not text:
             break
         print("assistant>", session.ask(text))
+        if session.last_routing is not None:
+            print(f"(routing: {session.last_routing.to_json()})", file=sys.stderr)
     return 0
 
 
@@ -287,6 +293,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mova_routing_data(args: argparse.Namespace) -> int:
+    from vlweave.train.routing_data import routing_data_from_checkpoint
+
+    summary = routing_data_from_checkpoint(args.checkpoint, args.data, args.output, image_folder=args.image_folder,
+                                           expert_checkpoints=args.expert_checkpoint, batch_size=args.batch_size,
+                                           limit=args.limit, max_experts=args.max_experts)
+    print(json.dumps({k: v for k, v in summary.items() if k != "table"}, indent=2))
+    return 0
+
+
+def _routing_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--routing", metavar="MODE",
+                   help="routed (MoVA) checkpoints: 'model' (the LM routes each question: the coarse stage), or "
+                        "fixed for ablations: 'all', 'none', 'random' (seeded) or letters/experts like 'A,C'")
+    p.add_argument("--routing-seed", type=int, default=0, help="seed of --routing random")
+
+
 def _benchmark_names() -> list[str]:
     from vlweave.eval.benchmarks.registry import SCORERS
 
@@ -373,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bf16", action="store_true")
     e.add_argument("--output", help="folder for predictions.jsonl and eval_metrics.json (with --benchmark: "
                                     "metrics.json; default CHECKPOINT/eval/NAME)")
+    _routing_arguments(e)
     e.set_defaults(func=_cmd_eval)
 
     v = sub.add_parser("convert", help="convert released weights to vlweave names")
@@ -390,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--frames", type=int, default=8, help="frames sampled from --video (default 8)")
     c.add_argument("--prompt")
     c.add_argument("--max-new-tokens", type=int, default=128)
+    _routing_arguments(c)
     c.set_defaults(func=_cmd_chat)
 
     from vlweave.serve.protocol import ServeLimits  # the flags' defaults are the library's
@@ -435,6 +460,23 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--base", help="with --merge: the base checkpoint (default: rebuilt from the adapter's run config)")
     x.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
     x.set_defaults(func=_cmd_export)
+
+    r = sub.add_parser("mova", help="MoVA tools: routing-data (routing bits + routing instructions from LM losses)")
+    r_sub = r.add_subparsers(dest="mova_command", required=True)
+    rd = r_sub.add_parser("routing-data", help="mark each expert useful per training sample (its LM loss below the "
+                                               "base-only loss; at most 3) and write routing bits + instructions")
+    rd.add_argument("checkpoint", help="a trained routed (MoVA) checkpoint; base-only = every routing bit 0")
+    rd.add_argument("--data", required=True, help="LLaVA JSON/JSONL training records (or asset:file)")
+    rd.add_argument("--image-folder", help="folder the records' image paths are relative to")
+    rd.add_argument("--output", required=True, help="folder for routed.json, routing_instructions.json, "
+                                                    "summary.json (and the resumable losses.partial.jsonl)")
+    rd.add_argument("--expert-checkpoint", action="append", default=[], metavar="EXPERT=FOLDER",
+                    help="score expert EXPERT with a separate checkpoint (base + that expert) instead; the main "
+                         "checkpoint then gives the base-only loss")
+    rd.add_argument("--batch-size", type=int, default=8)
+    rd.add_argument("--limit", type=int, help="first N records only")
+    rd.add_argument("--max-experts", type=int, default=3)
+    rd.set_defaults(func=_cmd_mova_routing_data)
     return p
 
 

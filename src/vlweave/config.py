@@ -102,6 +102,16 @@ class LoraConfig:
 
 
 @dataclass
+class MixConfig:
+    """Extra records mixed into a stage: ``round(ratio * N)`` of them, N being the stage's own record count (a
+    seeded sample; repeated only when the source is smaller).  MoVA mixes its routing instructions into SFT."""
+
+    path: str = ""  # LLaVA JSON/JSONL; may start with an asset name
+    ratio: float = 0.1
+    image_folder: str | None = None  # None: the file's folder
+
+
+@dataclass
 class StageConfig:
     """One training stage. ``tune`` maps component -> policy (``frozen | full | lora``)."""
 
@@ -109,6 +119,7 @@ class StageConfig:
     tune: dict[str, str] = field(default_factory=lambda: {"vision": "frozen", "connector": "full", "language": "lora"})
     template: str | None = None  # None: language.template (LLaVA's align stage uses "plain")
     data: str | None = None  # None: data.train (or data.align for the align stage)
+    mix: list[MixConfig] = field(default_factory=list)  # e.g. [{path: routing.json, ratio: 0.1}]
     epochs: float = 1.0
     max_steps: int | None = None  # caps epochs when set
     batch_size: int = 16
@@ -158,6 +169,11 @@ class EvalConfig:
     batch_size: int = 32
     max_new_tokens: int = 8
     prompt_suffix: str = ""  # e.g. "\nAnswer the question using a single word or phrase."
+    # A routed (MoVA) model: "model" (the LM routes each question: the coarse stage), or fixed for ablations --
+    # "all", "none", "random" (seeded by routing_seed) or letters/experts like "A,C"; None: no routing information
+    # (the connector's own default, for MoVA every expert on).
+    routing: str | None = None
+    routing_seed: int = 0
 
 
 @dataclass

@@ -31,11 +31,15 @@ class VlweaveContext:
     # supervised label.  Set by the model's forward when labels are given (training), so that guidance pooled
     # "over the prompt" sees in training exactly what generation sees at prefill; None = every attended token.
     prompt_mask: torch.Tensor | None = None
+    # MoVA's coarse routing pass (language/routing.py): the connector runs with every routing bit 0 and emits its
+    # pooled routing-pass tokens; towers it does not read in that pass are given no rows (Connector.tower_rows).
+    routing_pass: bool = False
 
     @classmethod
     def for_batch(cls, has_image: Sequence[bool], texts: Sequence[Sequence[str]] | None = None,
                   routing: Sequence[Any] | None = None,
-                  text_input_ids: Sequence[Sequence[int]] | None = None) -> "VlweaveContext":
+                  text_input_ids: Sequence[Sequence[int]] | None = None,
+                  routing_pass: bool = False) -> "VlweaveContext":
         """A context for a batch whose row ``i`` has an image iff ``has_image[i]``; ``routing`` is per *sample*
         (one entry per row) and is kept for the rows with an image."""
         rows = [i for i, h in enumerate(has_image) if h]
@@ -48,6 +52,7 @@ class VlweaveContext:
             texts=None if texts is None else [list(t) for t in texts],
             text_input_ids=None if text_input_ids is None else [list(t) for t in text_input_ids],
             routing=None if routing is None else [routing[i] for i in rows],
+            routing_pass=routing_pass,
         )
 
     @property

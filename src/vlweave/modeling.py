@@ -283,26 +283,107 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel, GenerationMixin):
         """The base tower's prepared connector input (see :meth:`prepare_tower_features`)."""
         return self.prepare_tower_features(BASE_TOWER, pixel_values)
 
+    def tower_rows(self, context: VlweaveContext | None) -> dict[str, torch.Tensor | None]:
+        """Per needed tower, the image rows it runs on (``connector.tower_rows``; None = every image)."""
+        out: dict[str, torch.Tensor | None] = {}
+        for name in self.needed_towers():
+            rows = None if context is None else self.connector.tower_rows(name, context)
+            out[name] = None if rows is None else torch.as_tensor(rows, dtype=torch.long).flatten().cpu()
+        return out
+
     def tower_features(
         self,
         pixel_values: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
         vision_features: Mapping[str, list[torch.Tensor]] | list[torch.Tensor] | None = None,
+        context: VlweaveContext | None = None,
     ) -> dict[str, list[torch.Tensor]]:
         """Prepared connector input of every tower the connector needs, keyed by tower name: taken from
         ``vision_features`` (cached) where given, else computed from ``pixel_values`` (a tensor is the base tower's
-        pixels; a mapping gives each tower its own, as each has its own transform)."""
+        pixels; a mapping gives each tower its own, as each has its own transform).
+
+        A tower for which ``connector.tower_rows(tower, context)`` names a subset of the images runs on those rows
+        only (training and inference alike); the other rows get zeros of the prepared shape.  Its cached features
+        may hold every image or only the routed rows, in row order (what ``FeatureCache.batch(rows=...)`` gives);
+        with no routed row it needs neither pixels nor cached features."""
         pixels = _by_tower(pixel_values)
         cached = _by_tower(vision_features)
+        rows_by_tower = self.tower_rows(context)
+        n_images = self._num_images(pixels, cached, context)
         out: dict[str, list[torch.Tensor]] = {}
         for name in self.needed_towers():
+            rows = rows_by_tower[name]
+            if rows is not None and n_images is not None and rows.numel() == n_images:
+                rows = None  # every image routed: the plain path
+            if rows is None:
+                if name in cached:
+                    out[name] = list(cached[name])
+                elif name in pixels:
+                    out[name] = self.prepare_tower_features(name, pixels[name])
+                else:
+                    raise ValueError(f"the connector needs tower {name!r}: give pixel_values[{name!r}] or its cached "
+                                     f"features (have pixels for {sorted(pixels)}, features for {sorted(cached)})")
+                continue
+            if n_images is None:
+                raise ValueError(f"tower {name!r} runs on image rows {rows.tolist()}, but the batch's image count is "
+                                 "unknown (give a context with image_rows, or the base tower's input)")
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n_images):
+                raise ValueError(f"connector.tower_rows({name!r}) = {rows.tolist()} out of range for {n_images} images")
+            feats: list[torch.Tensor] | None = None
             if name in cached:
-                out[name] = list(cached[name])
-            elif name in pixels:
-                out[name] = self.prepare_tower_features(name, pixels[name])
-            else:
-                raise ValueError(f"the connector needs tower {name!r}: give pixel_values[{name!r}] or its cached "
-                                 f"features (have pixels for {sorted(pixels)}, features for {sorted(cached)})")
+                given = list(cached[name])
+                if given and given[0].shape[0] == n_images:
+                    feats = [f.index_select(0, rows.to(f.device)) for f in given]
+                elif given and given[0].shape[0] == rows.numel():
+                    feats = given
+                elif given:
+                    raise ValueError(f"cached features of tower {name!r} have {given[0].shape[0]} rows; expected all "
+                                     f"{n_images} images or the {rows.numel()} routed ones")
+            if feats is None and rows.numel() and name in pixels:
+                feats = self.prepare_tower_features(name, pixels[name].index_select(0, rows.to(pixels[name].device)))
+            if feats is None and rows.numel():
+                raise ValueError(f"the connector needs tower {name!r} for image rows {rows.tolist()}: give "
+                                 f"pixel_values[{name!r}] or its cached features")
+            out[name] = self._scatter_rows(name, feats, rows, n_images)
         return out
+
+    @staticmethod
+    def _num_images(pixels: Mapping[str, Any], cached: Mapping[str, Any], context: VlweaveContext | None) -> int | None:
+        if context is not None and context.image_rows is not None:
+            return int(context.image_rows.numel())
+        if BASE_TOWER in pixels:
+            return int(pixels[BASE_TOWER].shape[0])
+        if cached.get(BASE_TOWER):
+            return int(cached[BASE_TOWER][0].shape[0])
+        return None
+
+    def _scatter_rows(self, name: str, feats: list[torch.Tensor] | None, rows: torch.Tensor,
+                      n_images: int) -> list[torch.Tensor]:
+        """``[n_images, ...]`` tensors with ``feats`` at ``rows`` and zeros elsewhere (differentiable)."""
+        if feats is None or not rows.numel():
+            first = next(self.vision_towers[name].parameters())
+            return [torch.zeros((n_images, *shape), dtype=first.dtype, device=first.device)
+                    for shape in self._prepared_shapes(name)]
+        out = []
+        for f in feats:
+            full = f.new_zeros((n_images, *f.shape[1:]))
+            out.append(full.index_copy(0, rows.to(f.device), f))
+        return out
+
+    def _prepared_shapes(self, name: str) -> list[tuple[int, ...]]:
+        """Per-image shapes of tower ``name``'s prepared features, for a batch in which no image is routed to it.
+        Found by running a copy of the tower built on the meta device (shapes only: no weights, no compute, nothing
+        cached), once per model."""
+        memo = self.__dict__.setdefault("_prepared_shape_memo", {})
+        if name not in memo:
+            spec = self.tower_specs[name]
+            with torch.device("meta"):
+                tower = AutoModel.from_config(vision_sub_config(spec.config))
+            size = spec.facts.image_size
+            with torch.no_grad():
+                hs = run_tower(tower.eval(), torch.zeros(1, 3, size, size, device="meta"), spec.facts)
+                selected = select_features(hs, self.connector.tower_layers()[name], spec.select_strategy, spec.facts)
+                memo[name] = [tuple(t.shape[1:]) for t in self.connector.prepare_tower(name, selected)]
+        return memo[name]
 
     def get_image_features(
         self,
@@ -313,7 +394,7 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel, GenerationMixin):
         """Visual tokens [N_images, T, D_text] and the connector's auxiliary losses."""
         if pixel_values is None and vision_features is None:
             raise ValueError("get_image_features needs pixel_values or vision_features")
-        out = self.connector(self.tower_features(pixel_values, vision_features), context)
+        out = self.connector(self.tower_features(pixel_values, vision_features, context), context)
         return out.tokens, out.aux_losses
 
     # ---- video (training-free, methods.md §1d) --------------------------------------------------------

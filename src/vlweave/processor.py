@@ -283,12 +283,14 @@ class VlweaveProcessor(ProcessorMixin):
 
     def encode_conversation(self, conversations: list[dict], *, has_image: bool, template: str | None = None,
                             system_prompt: str | None = None, max_length: int | None = None,
-                            sample_id: str = "?") -> dict[str, list[int]]:
+                            sample_id: str = "?", num_image_tokens: int | None = None) -> dict[str, list[int]]:
         """A training sample's ``{"input_ids", "labels"}`` (:func:`vlweave.processing.encode_conversation` with this
-        processor's image token, token count, template and system prompt unless overridden)."""
+        processor's image token, token count, template and system prompt unless overridden; ``num_image_tokens``:
+        e.g. a MoVA routing instruction's ``num_routing_tokens``)."""
         return encode_conversation(conversations, self.tokenizer, template or self.chat_template_name,
                                    image_token_id=self.image_token_id if has_image else None,
-                                   num_image_tokens=self.num_image_tokens, system_prompt=self._system(system_prompt),
+                                   num_image_tokens=self.num_image_tokens if num_image_tokens is None
+                                   else num_image_tokens, system_prompt=self._system(system_prompt),
                                    max_length=max_length, sample_id=sample_id)
 
     def encode_prompt(self, conversations: list[dict], *, has_image: bool, template: str | None = None,

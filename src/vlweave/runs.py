@@ -54,7 +54,8 @@ def train_and_evaluate(cfg: RunConfig, questions: list[Question] | None, run_dir
 
         report = evaluate_suite(trainer.model, trainer.tokenizer, assets.pull("synthetic"),
                                 limit_per_domain=cfg.eval.limit, batch_size=cfg.eval.batch_size,
-                                max_new_tokens=cfg.eval.max_new_tokens, out_dir=run_dir, progress=progress)
+                                max_new_tokens=cfg.eval.max_new_tokens, out_dir=run_dir, progress=progress,
+                                routing=cfg.eval.routing, routing_seed=cfg.eval.routing_seed)
         groups = {f"{d}/{f}": v for d, by_f in report["scores"].items() for f, v in by_f.items()}
         groups |= {f"all/{f}": v for f, v in report["overall"].items()}
         accuracy = report["mean"]
@@ -63,7 +64,8 @@ def train_and_evaluate(cfg: RunConfig, questions: list[Question] | None, run_dir
         report = evaluate(trainer.model, trainer.tokenizer, questions, out_dir=run_dir,
                           batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
                           prompt_suffix=cfg.eval.prompt_suffix, group_key=key, progress=progress,
-                          bf16=cfg.train.bf16, processor=trainer.processor)
+                          bf16=cfg.train.bf16, processor=trainer.processor, routing=cfg.eval.routing,
+                          routing_seed=cfg.eval.routing_seed)
         report.pop("answers")
         groups = {k: v["accuracy"] for k, v in report.get(f"by_{key}", {}).items()} if key else {}
         accuracy = report["accuracy"]

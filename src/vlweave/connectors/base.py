@@ -193,6 +193,17 @@ class Connector(nn.Module):
         Default: the base tower's :meth:`feature_layers`."""
         return {BASE_TOWER: self.feature_layers()}
 
+    def tower_rows(self, tower: str, context: Any) -> torch.Tensor | None:
+        """Which images of the batch ``tower`` must run on: a 1-D long tensor of image indices (positions in the
+        batch's stacked images, sorted, possibly empty), or None for every image (the default).
+
+        The model runs the tower (or reads the feature cache) on those rows only and hands the connector zeros of
+        the prepared shape for the others, so a connector returning rows must not let the other rows' features
+        change its output (MoVA: an expert whose routing bit is 0 for an image).  It may read only the context's
+        ``routing`` and ``routing_pass`` (the trainer and the evaluator ask it once for a whole data set, to know
+        which images each tower's feature cache needs)."""
+        return None
+
     def prepare(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Parameter-free, deterministic preprocessing of the base tower's selected hidden states (cacheable)."""
         return features

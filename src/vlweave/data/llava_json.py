@@ -38,6 +38,8 @@ class Sample:
     conversations: list[dict]
     image: str | None
     routing: list[str] | list[int] | None = None  # the record's ``routing`` field: expert names or 0/1 bits
+    # (0/1 bits in expert order when loaded with ``routing_experts``)
+    routing_pass: bool = False  # a MoVA routing instruction: trained on the routing-pass input (pooled, bits 0)
 
     def user_texts(self) -> list[str]:
         """The human turns' text, ``<image>`` tag removed (what context-aware connectors read)."""
@@ -191,12 +193,18 @@ def _valid_routing(value: Any) -> bool:
 
 
 def load_llava_data(
-    path: str | Path, image_folder: str | Path | None = None, *, check_images: bool = True
+    path: str | Path, image_folder: str | Path | None = None, *, check_images: bool = True,
+    routing_experts: "list[str] | tuple[str, ...] | None" = None,
 ) -> list[Sample]:
     """Load and validate a LLaVA training file (JSON list or JSON Lines).
 
     ``image`` paths are relative to ``image_folder`` (default: the data file's folder).  Records without an id
     are named ``"<file name>:<index>"``.  Raises one ``DataError`` listing every bad record.
+
+    ``routing_experts`` (a routed model's experts, in routing-bit order): each record's ``routing`` must then be
+    0/1 bits of exactly that length or names of those experts, and is returned as bits; a wrong length, a value
+    other than 0/1 or an unknown name is reported with the record's id.  ``routing_pass: true`` marks a routing
+    instruction (trained on the routing-pass input).
     """
     path = Path(path).expanduser().resolve()
     folder = Path(image_folder).expanduser().resolve() if image_folder is not None else path.parent
@@ -226,6 +234,18 @@ def load_llava_data(
             bad.append(f"'routing' must be a list of expert names or of 0/1 bits, got {routing!r}")
         elif routing is not None and not has_image:
             bad.append("'routing' given for a record without an image")
+        elif routing is not None and routing_experts is not None:
+            from vlweave.language.routing import RoutingError, routing_bits
+
+            try:
+                routing = routing_bits(routing, list(routing_experts), "record")
+            except RoutingError as err:
+                bad.append(str(err).removeprefix("record: "))
+        routing_pass = record.get("routing_pass", False)
+        if not isinstance(routing_pass, bool):
+            bad.append(f"'routing_pass' must be true or false, got {routing_pass!r}")
+        elif routing_pass and not has_image:
+            bad.append("'routing_pass' given for a record without an image")
         turns, conv_problems, dropped = _check_conversations(record.get("conversations"), has_image)
         bad.extend(conv_problems)
         if bad:
@@ -234,7 +254,8 @@ def load_llava_data(
         if dropped:
             dropped_leading.append(sample_id)
         assert turns is not None
-        samples.append(Sample(id=sample_id, conversations=turns, image=image, routing=routing))
+        samples.append(Sample(id=sample_id, conversations=turns, image=image, routing=routing,
+                              routing_pass=bool(routing_pass)))
     if problems:
         raise DataError(_summarise(path, problems, "problem(s) in records") + _folder_hint(folder, check_images))
     if dropped_leading:

@@ -30,7 +30,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_predictions(path: str | Path, inputs: BenchmarkInputs, answers: list[str],
-                      parsed: list[Any] | None = None) -> None:
+                      parsed: list[Any] | None = None, decisions: list[Any] | None = None) -> None:
     """One JSON line per question: ``question_id`` (MMBench: the row index), ``prompt``, ``prediction``,
     ``parsed`` (what the scorer's parser made of the prediction -- see :func:`registry.parse_benchmark`; written
     when given), ``gold`` and ``image`` (the path; ``null`` for images decoded in memory)."""
@@ -41,8 +41,20 @@ def write_predictions(path: str | Path, inputs: BenchmarkInputs, answers: list[s
             row["parsed"] = _jsonable(parsed[position])
         row.update({"gold": _jsonable(item.answer),
                     "image": item.image if isinstance(item.image, str) else None})
+        if decisions is not None:  # a routed (MoVA) model: how this answer was routed
+            row["routing"] = None if decisions[position] is None else decisions[position].to_json()
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     atomic_write_text(path, "".join(lines), "predictions")
+
+
+def _routing_stats(mode: str, seed: int, decisions: list[Any]) -> dict[str, Any]:
+    from vlweave.language.routing import RoutingStats
+
+    stats = RoutingStats(mode=mode)
+    for d in decisions:
+        if d is not None:
+            stats.add(d)
+    return stats.to_json() | ({"seed": seed} if mode == "random" else {})
 
 
 def read_predictions(path: str | Path) -> dict[str, str]:
@@ -58,13 +70,16 @@ def read_predictions(path: str | Path) -> dict[str, str]:
 def run_benchmark(model, tokenizer, inputs: BenchmarkInputs, *, out_dir: str | Path, parser: str | None = None,
                   checkpoint: str | None = None, batch_size: int = 32,
                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, progress: bool = True,
-                  bf16: bool = False, processor: VlweaveProcessor | None = None) -> dict[str, Any]:
+                  bf16: bool = False, processor: VlweaveProcessor | None = None, routing: str | None = None,
+                  routing_seed: int = 0) -> dict[str, Any]:
     """Generate, score and write ``predictions.jsonl`` and ``metrics.json`` under ``out_dir``; returns the metrics
-    record.  Without ground truth (``inputs.unscored_reason``) the record has ``scored: false`` and no metrics."""
+    record.  Without ground truth (``inputs.unscored_reason``) the record has ``scored: false`` and no metrics.
+    ``routing``: a routed (MoVA) model's routing mode (see :func:`vlweave.eval.vqa.generate_answers`)."""
     spec = get_benchmark(inputs.benchmark)
     described = spec.describe(split=inputs.split, parser=parser)  # validates the parser before generating
     processor = processor if processor is not None else VlweaveProcessor.from_model(model, tokenizer)
     t0 = time.time()
+    decisions: list | None = [] if routing is not None else None
     out = Path(out_dir)
     items = inputs.items
     partial = PartialPredictions(out / "predictions.partial.jsonl",
@@ -74,14 +89,15 @@ def run_benchmark(model, tokenizer, inputs: BenchmarkInputs, *, out_dir: str | P
     try:
         answers = generate_answers(model, tokenizer, inputs.items, batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, progress=progress, bf16=bf16, processor=processor,
-                                   on_batch=partial)
+                                   on_batch=partial, routing=routing, routing_seed=routing_seed,
+                                   decisions=decisions)
         done = True
     finally:
         partial.close(interrupted=not done)  # removed once predictions.jsonl is complete
     seconds = time.time() - t0
     # The parse needs no ground truth (MMBench reads only the options), so test splits get it too.
     parsed = parse_benchmark(inputs.benchmark, answers, inputs.records, parser=described["parser"])
-    write_predictions(out / "predictions.jsonl", inputs, answers, parsed)
+    write_predictions(out / "predictions.jsonl", inputs, answers, parsed, decisions)
     partial.path.unlink(missing_ok=True)
 
     if inputs.unscored_reason is None:
@@ -100,6 +116,7 @@ def run_benchmark(model, tokenizer, inputs: BenchmarkInputs, *, out_dir: str | P
                        "system_prompt": processor.system_prompt, "image_placeholder": "<image>\\n before the question",
                        "bf16": bf16},
         "eval_seconds": seconds,
+        **({"routing": _routing_stats(routing, routing_seed, decisions)} if decisions is not None else {}),
         "model": {"checkpoint": checkpoint, "config": json.loads(cfg.to_json_string(use_diff=False))},
         "vlweave_version": __version__,
     })

@@ -18,6 +18,7 @@ from vlweave.eval.vqa import (
 )
 from vlweave.safe_io import atomic_write_text
 from vlweave.assets import resolve_data_path
+from vlweave.language.routing import RoutingStats
 from vlweave.vision.cache import FeatureCache
 
 
@@ -52,18 +53,23 @@ def load_eval_questions(data: str, image_folder: str | None = None, limit: int |
 def evaluate(model, tokenizer, questions: list[Question], *, out_dir: str | Path | None = None,
              batch_size: int = 32, max_new_tokens: int = 8, prompt_suffix: str = "", use_cache: bool = True,
              group_key: str | None = None, progress: bool = True, bf16: bool = False,
-             processor: Any = None) -> dict[str, Any]:
+             processor: Any = None, routing: str | None = None, routing_seed: int = 0) -> dict[str, Any]:
+    """``routing``: for a routed connector (MoVA), ``model`` (the LM routes each question first) or a fixed mode
+    (``all``/``none``/``random``/``A,C``); each answer's routing goes to predictions.jsonl and the counts
+    (unparseable answers, expert use) to the metrics."""
     store = None
     if use_cache and FeatureCache.usable(model):
         store = FeatureCache(model)
     t0 = time.time()
+    decisions: list | None = [] if routing is not None else None
     partial = None if out_dir is None else PartialPredictions(
         Path(out_dir) / "predictions.partial.jsonl", lambda i, a: prediction_row(questions[i], a))
     done = False
     try:
         answers = generate_answers(model, tokenizer, questions, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                    prompt_suffix=prompt_suffix, store=store, progress=progress, bf16=bf16,
-                                   processor=processor, on_batch=partial)
+                                   processor=processor, on_batch=partial, routing=routing,
+                                   routing_seed=routing_seed, decisions=decisions)
         done = True
     finally:
         if partial is not None:
@@ -72,10 +78,16 @@ def evaluate(model, tokenizer, questions: list[Question], *, out_dir: str | Path
     report = exact_match_report(questions, answers, group_key=group_key)
     report.update({"eval_seconds": seconds, "prompt_suffix": prompt_suffix, "max_new_tokens": max_new_tokens,
                    "scorer": "normalised exact match", "decoding": "greedy"})
+    if decisions is not None:
+        stats = RoutingStats(mode=routing)
+        for d in decisions:
+            if d is not None:
+                stats.add(d)
+        report["routing"] = stats.to_json() | ({"seed": routing_seed} if routing == "random" else {})
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_predictions(out / "predictions.jsonl", questions, answers)
+        save_predictions(out / "predictions.jsonl", questions, answers, decisions)
         atomic_write_text(out / "eval_metrics.json", json.dumps(report, indent=2), "eval metrics")
         assert partial is not None
         partial.path.unlink(missing_ok=True)

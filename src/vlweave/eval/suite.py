@@ -18,6 +18,7 @@ from typing import Any
 from vlweave.data.questions import Question, read_questions
 from vlweave.eval.benchmarks import registry
 from vlweave.eval.vqa import generate_answers
+from vlweave.language.routing import RoutingStats
 from vlweave.vision.cache import FeatureCache
 
 # format -> (file, benchmark whose scorer is used, headline metric path)
@@ -57,26 +58,39 @@ def _get(metrics: dict[str, Any], path: tuple[str, ...]) -> float:
 
 def evaluate_suite(model, tokenizer, folder: str | Path, *, limit_per_domain: int | None = None,
                    batch_size: int = 32, max_new_tokens: int = 8, out_dir: str | Path | None = None,
-                   progress: bool = True) -> dict[str, Any]:
-    """Generate greedy answers for every test question and score per domain and format."""
+                   progress: bool = True, routing: str | None = None, routing_seed: int = 0) -> dict[str, Any]:
+    """Generate greedy answers for every test question and score per domain and format.  ``routing``: a routed
+    (MoVA) model's routing mode (:func:`vlweave.eval.vqa.generate_answers`); each prediction line then carries its
+    routing, and the report the routing counts per format."""
     suite = load_suite(folder, limit_per_domain)
     store = None
     if FeatureCache.usable(model):
         store = FeatureCache(model)
     scores: dict[str, dict[str, Any]] = defaultdict(dict)
     details: dict[str, Any] = {}
+    routing_stats: dict[str, Any] = {}
     for fmt, questions in suite.items():
         _, bench, headline = FORMATS[fmt]
         # The test texts already end with the benchmark's prompt suffix.
+        decisions: list | None = [] if routing is not None else None
         answers = generate_answers(model, tokenizer, questions, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                   store=store, progress=progress)
+                                   store=store, progress=progress, routing=routing, routing_seed=routing_seed,
+                                   decisions=decisions)
+        if decisions is not None:
+            stats = RoutingStats(mode=routing)
+            for d in decisions:
+                if d is not None:
+                    stats.add(d)
+            routing_stats[fmt] = stats.to_json()
         if out_dir is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             parsed = registry.parse_benchmark(bench, answers, [q.as_record() for q in questions])  # what the scorer compares, per item
             with open(Path(out_dir) / f"predictions_{fmt}.jsonl", "w") as fh:
-                for q, a, p in zip(questions, answers, parsed):
-                    fh.write(json.dumps({"question_id": q.question_id, "prediction": a, "parsed": p,
-                                         "answer": q.answer}) + "\n")
+                for k, (q, a, p) in enumerate(zip(questions, answers, parsed)):
+                    row = {"question_id": q.question_id, "prediction": a, "parsed": p, "answer": q.answer}
+                    if decisions is not None:
+                        row["routing"] = None if decisions[k] is None else decisions[k].to_json()
+                    fh.write(json.dumps(row) + "\n")
         for domain in sorted({q.meta["domain"] for q in questions}):
             idx = [i for i, q in enumerate(questions) if q.meta["domain"] == domain]
             result = registry.score_benchmark(bench, [answers[i] for i in idx], [questions[i].as_record() for i in idx])
@@ -90,6 +104,9 @@ def evaluate_suite(model, tokenizer, folder: str | Path, *, limit_per_domain: in
     headline = [overall[fmt] for fmt in FORMATS]  # the mean counts each format once (mc = circular)
     report = {"scores": dict(scores), "overall": overall, "mean": sum(headline) / len(headline),
               "how": details}
+    if routing is not None:
+        report["routing"] = {"mode": routing, **({"seed": routing_seed} if routing == "random" else {}),
+                             "by_format": routing_stats}
     if out_dir is not None:
         (Path(out_dir) / "suite_metrics.json").write_text(json.dumps(report, indent=2))
     return report

@@ -21,10 +21,12 @@ from tqdm.auto import tqdm
 from vlweave.data.collate import pad_batch
 from vlweave.data.questions import ImageSource, Question
 from vlweave.hardware import bf16_available
+from vlweave.language.routing import RoutingPool, check_routing_mode, fixed_routing, route_batch
 from vlweave.processing import load_image
 from vlweave.processor import VlweaveProcessor
 from vlweave.safe_io import atomic_write_text, disk_full_guard
 from vlweave.vision.cache import FeatureCache
+from vlweave.vision.towers import BASE_TOWER
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
@@ -107,24 +109,50 @@ def generate_answers(
     bf16: bool = False,
     processor: VlweaveProcessor | None = None,
     on_batch: Callable[[list[int], list[str]], None] | None = None,
+    routing: str | None = None,
+    routing_seed: int = 0,
+    decisions: list | None = None,
 ) -> list[str]:
     """Greedy answers for ``questions`` (their ``image``: an absolute path, a PIL image or a callable returning
     one; only paths go through the feature ``store``).  Prompts and pixels come from ``processor`` (the
     checkpoint's own, see ``builder.load_processor``; by default one made from ``model`` and ``tokenizer``).
     ``on_batch(indices, answers)`` is called after every batch (the callers append them to a partial predictions
     file, so an interrupted run keeps what it generated).  A prompt that with ``max_new_tokens`` exceeds the LM's
-    context is refused before anything is generated."""
+    context is refused before anything is generated.
+
+    ``routing`` (a routed connector, e.g. MoVA): ``"model"`` -- the LM routes each image question in a batched
+    routing pass first (``vlweave.language.routing``); ``all``/``none``/``random``/``"A,C"`` -- fixed routing for
+    ablations.  The base tower's features are computed (or read from the cache) once for both passes; only the
+    routed rows of each expert run.  ``decisions``: a list that receives one
+    :class:`~vlweave.language.routing.RoutingDecision` (or None for a text-only question) per question, in
+    question order."""
     model.eval()
     processor = processor if processor is not None else VlweaveProcessor.from_model(model, tokenizer)
+    pool = None
+    if routing is not None:
+        pool = RoutingPool.from_connector(model.connector)
+        check_routing_mode(routing, pool)
     texts = [q.text + prompt_suffix for q in questions]
     prompts = [processor.encode_question(t, q.has_image, template=template, system_prompt=system_prompt,
                                          sample_id=str(q.question_id)) for t, q in zip(texts, questions)]
     check_prompt_lengths(model, [(f"question_id {q.question_id!r}", len(p)) for q, p in zip(questions, prompts)],
                          max_new_tokens)
+    fixed = {i: fixed_routing(routing, pool, str(q.question_id), routing_seed) for i, q in enumerate(questions)
+             if pool is not None and routing != "model" and q.has_image}
     if store is not None:
-        store.ensure([q.image for q in questions if q.has_image and isinstance(q.image, str)], progress)
+        paths = [q.image for q in questions if q.has_image and isinstance(q.image, str)]
+        by_tower = None
+        if pool is not None:  # an expert's store computes only the images routed to it
+            by_tower = {n: [] for n in store.stores if n in pool.experts}
+            for i, d in fixed.items():
+                if isinstance(questions[i].image, str):
+                    for e in d.experts:
+                        if e in by_tower:
+                            by_tower[e].append(questions[i].image)
+        store.ensure(paths, progress, paths_by_tower=by_tower)
     order = sorted(range(len(questions)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(questions)
+    chosen: list[Any] = [None] * len(questions)
     pad_id = processor.pad_token_id
     stops = stop_token_ids(tokenizer)
     device = next(model.parameters()).device
@@ -135,10 +163,18 @@ def generate_answers(
         cached = store is not None and all(isinstance(p, str) for p in images if p is not None)
         rows = images if cached else [None if p is None else open_image(p) for p in images]
         batch = processor.collate([{"input_ids": prompts[i]} for i in idx], rows, padding_side="left",
-                                  texts=[[texts[i]] for i in idx], pixel_values=not cached)
+                                  texts=[[texts[i]] for i in idx], pixel_values=not cached and pool is None)
         kwargs: dict[str, Any] = {"context": batch["context"]}
         present = [p for p in images if p is not None]
-        if present and cached:
+        if present and pool is not None:
+            with_image = [i for i, p in zip(idx, images) if p is not None]
+            kwargs.update(_routed_inputs(model, processor, pool, routing, store if cached else None,
+                                         [p for p in rows if p is not None], [questions[i] for i in with_image],
+                                         [fixed.get(i) for i in with_image], batch["context"], device,
+                                         template=template, system_prompt=system_prompt, stops=stops, bf16=bf16))
+            for i, d in zip(with_image, batch["context"].guidance.pop("routing_decisions")):
+                chosen[i] = d
+        elif present and cached:
             kwargs["vision_features"] = {t: [f.to(device) for f in feats] for t, feats in store.batch(present).items()}
         elif present:
             kwargs["pixel_values"] = {t: v.to(device) for t, v in batch["pixel_values"].items()}
@@ -152,7 +188,47 @@ def generate_answers(
             on_batch(list(idx), [answers[i] for i in idx])
         bar.update(len(idx))
     bar.close()
+    if decisions is not None:
+        decisions.extend(chosen)
     return answers
+
+
+def _routed_inputs(model, processor, pool, routing: str, store, images: list, questions: list, fixed: list, context,
+                   device, *, template, system_prompt, stops, bf16: bool) -> dict[str, Any]:
+    """The answer pass's visual inputs of one routed batch: base features once (cache or tower), the routing
+    decisions (the LM's routing pass, or the fixed ones) written into ``context.routing``, and each expert's
+    features for its routed rows only.  The decisions are handed back in ``context.guidance``."""
+    base_cached = store is not None and BASE_TOWER in store.stores
+    feats: dict[str, list[torch.Tensor]] = {}
+    pixels: dict[str, torch.Tensor] | None = None
+    if base_cached:
+        feats[BASE_TOWER] = [f.to(device) for f in store.stores[BASE_TOWER].batch(images)]
+    else:
+        pixels = {t: v.to(device) for t, v in processor.pixel_values(images).items()}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and bf16_available()):
+        if not base_cached:
+            feats[BASE_TOWER] = model.prepare_tower_features(BASE_TOWER, pixels[BASE_TOWER])
+        if routing == "model":
+            decided = route_batch(model, processor, pool, [q.text for q in questions], feats[BASE_TOWER],
+                                  template=template, system_prompt=system_prompt, stop_ids=stops,
+                                  sample_ids=[str(q.question_id) for q in questions])
+        else:
+            decided = list(fixed)
+    context.routing = [list(d.bits) for d in decided]
+    context.guidance["routing_decisions"] = decided
+    expert_rows = {n: r for n, r in model.tower_rows(context).items() if n != BASE_TOWER}
+    # Experts come from the cache for fixed routing (their stores hold exactly the routed images), from pixels
+    # after the LM's routing pass (the routed images are only known now).
+    if store is not None and routing != "model":
+        feats.update({n: [f.to(device) for f in v] for n, v in store.batch(images, expert_rows).items()
+                      if n != BASE_TOWER})
+    out: dict[str, Any] = {"vision_features": feats}
+    missing = [n for n, r in expert_rows.items() if n not in feats and (r is None or len(r))]
+    if missing:
+        if pixels is None:
+            pixels = {t: v.to(device) for t, v in processor.pixel_values(images).items()}
+        out["pixel_values"] = {n: pixels[n] for n in missing}
+    return out
 
 
 def exact_match_report(questions: Sequence[Question], answers: Sequence[str],
@@ -174,10 +250,18 @@ def prediction_row(q: Question, a: str) -> dict[str, Any]:
             "answer": q.answer, "correct": normalize_answer(a) == normalize_answer(gold)}
 
 
-def save_predictions(path: str | Path, questions: Sequence[Question], answers: Sequence[str]) -> None:
-    """All predictions, in question order, written atomically (a full disk leaves no half file)."""
-    atomic_write_text(path, "".join(json.dumps(prediction_row(q, a)) + "\n" for q, a in zip(questions, answers)),
-                      "predictions")
+def save_predictions(path: str | Path, questions: Sequence[Question], answers: Sequence[str],
+                     decisions: Sequence[Any] | None = None) -> None:
+    """All predictions, in question order, written atomically (a full disk leaves no half file); with
+    ``decisions`` (routed models) each line also carries its ``routing`` (mode, experts, bits and, when the LM
+    routed, its raw answer and whether it parsed)."""
+    rows = []
+    for k, (q, a) in enumerate(zip(questions, answers)):
+        row = prediction_row(q, a)
+        if decisions is not None:
+            row["routing"] = None if decisions[k] is None else decisions[k].to_json()
+        rows.append(json.dumps(row) + "\n")
+    atomic_write_text(path, "".join(rows), "predictions")
 
 
 class PartialPredictions:

@@ -125,26 +125,27 @@ def planned_loader(examples: Mapping[int, dict[str, Any]], micro_batches: Sequen
 
 
 def share_feature_cache(acc: Accelerator, cache, make_cache: Callable[[], Any], images: Sequence[str],
-                        progress: bool):
+                        progress: bool, **ensure_kwargs: Any):
     """Build the frozen-feature cache once: rank 0 runs the towers and writes the store files, the other ranks wait
     and then read those files (a fresh ``FeatureCache`` loads what is on disk).  Returns the cache to use.
 
     On another node whose cache folder is not the same filesystem, that node's local rank 0 finds nothing on disk
     and builds its own copy (one writer per node) before the node's other ranks read it; with shared storage it
-    finds rank 0's files and computes nothing."""
+    finds rank 0's files and computes nothing.  ``ensure_kwargs`` go to every ``cache.ensure`` (e.g.
+    ``paths_by_tower``: the images each routed tower runs on)."""
     if acc.num_processes == 1:
-        cache.ensure(images, progress)
+        cache.ensure(images, progress, **ensure_kwargs)
         return cache
     if acc.is_main_process:
-        cache.ensure(images, progress)
+        cache.ensure(images, progress, **ensure_kwargs)
     acc.wait_for_everyone()
     if acc.is_local_main_process and not acc.is_main_process:
         cache = make_cache()
-        cache.ensure(images, False)
+        cache.ensure(images, False, **ensure_kwargs)
     acc.wait_for_everyone()
     if not acc.is_local_main_process:
         cache = make_cache()
-        cache.ensure(images, False)  # everything is on this node's disk by now: nothing is computed or written
+        cache.ensure(images, False, **ensure_kwargs)  # everything is on this node's disk by now: nothing is computed or written
     return cache
 
 

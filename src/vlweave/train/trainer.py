@@ -34,7 +34,8 @@ from vlweave.context import VlweaveContext
 from vlweave.data.collate import pad_batch
 from vlweave.data.llava_json import Sample, load_llava_data
 from vlweave.hardware import bf16_available
-from vlweave.processing import IGNORE_INDEX, make_transform
+from vlweave.language.routing import RoutingPool, connector_routes
+from vlweave.processing import IGNORE_INDEX, make_transform, pixels_by_tower
 from vlweave.processor import VlweaveProcessor
 from vlweave.safe_io import atomic_write_text
 from vlweave.train import checkpoints as ckpts
@@ -73,22 +74,30 @@ from vlweave.vision.towers import BASE_TOWER
 
 def encode_samples(samples: list[Sample], processor: VlweaveProcessor, template: str, system_prompt: str | None,
                    max_length: int, progress: bool = True,
-                   data_warnings: DataWarnings | None = None) -> list[dict[str, Any]]:
+                   data_warnings: DataWarnings | None = None,
+                   num_routing_tokens: int | None = None) -> list[dict[str, Any]]:
     """Training samples through the processor (its image token and token count; the stage's template).
     A sample longer than ``max_length`` is truncated (as LLaVA does) and counted in ``data_warnings``: its last
-    answer, end-of-turn token included, is cut, so the model never learns where that answer stops."""
+    answer, end-of-turn token included, is cut, so the model never learns where that answer stops.  A routing
+    instruction (``Sample.routing_pass``) gets ``num_routing_tokens`` image tokens, as the routing pass sees."""
     out = []
     for s in tqdm(samples, desc=f"tokenizing ({template})", disable=not progress, unit="sample"):
+        if s.routing_pass and num_routing_tokens is None:
+            raise ValueError(f"record {s.id!r} is a routing instruction (routing_pass) but the connector does not "
+                             "route between experts")
+        n_image = num_routing_tokens if s.routing_pass else None
         enc = processor.encode_conversation(s.conversations, has_image=bool(s.image), template=template,
-                                            system_prompt=system_prompt, max_length=None, sample_id=s.id)
+                                            system_prompt=system_prompt, max_length=None, sample_id=s.id,
+                                            num_image_tokens=n_image)
         if max_length is not None and len(enc["input_ids"]) > max_length:
             if data_warnings is not None:
                 data_warnings.add("truncated_answer", s.id, f"longer than language.max_length={max_length}: answer "
                                   "truncated, its end-of-turn lost")
             enc = processor.encode_conversation(s.conversations, has_image=bool(s.image), template=template,
-                                                system_prompt=system_prompt, max_length=max_length, sample_id=s.id)
+                                                system_prompt=system_prompt, max_length=max_length, sample_id=s.id,
+                                                num_image_tokens=n_image)
         out.append({"input_ids": enc["input_ids"], "labels": enc["labels"], "image": s.image, "id": s.id,
-                    "texts": s.user_texts(), "routing": s.routing})
+                    "texts": s.user_texts(), "routing": s.routing, "routing_pass": s.routing_pass})
     return out
 
 
@@ -144,10 +153,21 @@ class Trainer:
             enable_gradient_checkpointing(self.model, cfg.train.gradient_checkpointing)
         self._engine = None  # the model as prepared by accelerate for the current stage (DDP/FSDP/DeepSpeed wrapper)
         self.store: FeatureCache | None = None
-        vision_trained = any(p != "frozen" for s in cfg.train.stages for c, p in s.tune.items()
-                             if c == "vision" or c.startswith("vision."))
-        if cfg.train.cache_features and not vision_trained:
-            self.store = FeatureCache(self.model)
+        # Routed connectors (MoVA): records' routing names -> bits in expert order; routing instructions' tokens.
+        self.pool = RoutingPool.from_connector(self.model.connector) if connector_routes(self.model) else None
+        # Cache the towers that stay frozen in every stage (MoVA trains the base tower and keeps the experts frozen:
+        # the experts, the expensive part, are still cached); a trained tower runs from pixels.
+        components = self.model.components()
+        trained_towers = {c.removeprefix("vision.") for s in cfg.train.stages
+                          for c, p in resolve_tune(s, components).items() if c.startswith("vision.") and p != "frozen"}
+        if self.pool is not None:  # MoVA: the experts are frozen in every stage (methods.md §2c)
+            trained_experts = sorted(trained_towers & set(self.pool.experts))
+            if trained_experts:
+                raise ValueError(f"train.stages: expert tower(s) {trained_experts} would be trained; MoVA's experts "
+                                 f"stay frozen (tune them 'frozen', e.g. tune: {{vision: frozen, vision.base: full}})")
+        self.cached_towers = [n for n in self.model.needed_towers() if n not in trained_towers]
+        if cfg.train.cache_features and self.cached_towers:
+            self.store = FeatureCache(self.model, towers=self.cached_towers)
         self.metrics: list[dict[str, Any]] = []
         # What training has changed so far, by component: {component: {"full" | "lora" | "buffers"}}; checkpoints
         # store exactly these tensors (``trained_names``).
@@ -184,11 +204,33 @@ class Trainer:
         if not spec:
             raise ValueError(f"stage {stage.name!r}: no data (set data.train or stages[{index}].data)")
         path, root = resolve_data_path(spec)
-        samples = load_llava_data(path, d.image_folder or root)
+        experts = list(self.pool.experts) if self.pool is not None else None
+        samples = load_llava_data(path, d.image_folder or root, routing_experts=experts)
         self.data_fingerprints[str(index)] = data_fingerprint(Path(path).expanduser().resolve(), len(samples))
         if d.max_samples is not None:
             samples = samples[: d.max_samples]
-        return samples
+        return samples + self.mixed_samples(index, stage, len(samples), experts)
+
+    def mixed_samples(self, index: int, stage: StageConfig, n_main: int,
+                      experts: list[str] | None) -> list[Sample]:
+        """The stage's ``mix`` sources (e.g. MoVA's routing instructions): ``round(ratio * n_main)`` records from
+        each, a seeded sample (with repetition only when the source is smaller), ids made unique by source."""
+        out: list[Sample] = []
+        for k, mix in enumerate(stage.mix):
+            path, root = resolve_data_path(mix.path)
+            source = load_llava_data(path, mix.image_folder or root, routing_experts=experts)
+            if not source:
+                raise ValueError(f"stages[{index}].mix[{k}]: {path} has no records")
+            want = round(mix.ratio * n_main)
+            rng = random.Random(self.cfg.train.seed * 7919 + index * 101 + k)
+            picks: list[int] = []
+            while len(picks) < want:
+                picks += rng.sample(range(len(source)), min(len(source), want - len(picks)))
+            for r, i in enumerate(picks):
+                s = source[i]
+                out.append(Sample(id=f"mix{k}:{s.id}#{r}", conversations=s.conversations, image=s.image,
+                                  routing=s.routing, routing_pass=s.routing_pass))
+        return out
 
     def encode_used(self, stage: StageConfig, samples: list[Sample], used: set[int]) -> dict[int, dict[str, Any]]:
         """Tokenize only the records the planned batches will visit (a capped stage may touch a few percent)."""
@@ -196,7 +238,8 @@ class Trainer:
         order = sorted(used)
         encoded = encode_samples([samples[i] for i in order], self.processor, template,
                                  self.cfg.language.system_prompt, self.cfg.language.max_length, self.progress,
-                                 self.data_warnings)
+                                 self.data_warnings,
+                                 num_routing_tokens=self.pool.num_routing_tokens if self.pool is not None else None)
         return dict(zip(order, encoded))
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -210,15 +253,30 @@ class Trainer:
         )
         images = [e["image"] for e in examples if e["image"]]
         texts = [e.get("texts", []) for e in examples]
-        batch["context"] = VlweaveContext.for_batch([bool(e["image"]) for e in examples], texts=texts,
-                                                    routing=[e.get("routing") for e in examples],
-                                                    text_input_ids=self.text_ids(texts))
+        routing_pass = any(e.get("routing_pass") for e in examples)
+        routing = [e.get("routing") for e in examples]
+        if routing_pass:  # the routing pass sees every bit 0 (methods.md §2a step 2)
+            routing = [[0] * self.pool.num_experts if e["image"] else None for e in examples]
+        context = VlweaveContext.for_batch([bool(e["image"]) for e in examples], texts=texts, routing=routing,
+                                           text_input_ids=self.text_ids(texts), routing_pass=routing_pass)
+        batch["context"] = context
         if images:
-            if self.store is not None:
-                batch["vision_features"] = self.store.batch(images)
-            else:
-                batch["pixel_values"] = self.processor.pixel_values(images)
+            rows = self.model.tower_rows(context)  # routed towers run (and are read from the cache) on those rows
+            cached = self.store.batch(images, rows) if self.store is not None else {}
+            if cached:
+                batch["vision_features"] = cached
+            rest = {n: t for n, t in self.processor.transforms.items()
+                    if (self.store is None or n not in self.store.stores)
+                    and not (rows.get(n) is not None and not len(rows[n]))}
+            if rest:
+                batch["pixel_values"] = pixels_by_tower(rest, images)
         return batch
+
+    def collate_parts(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A micro-batch as batches that each run in one forward: routing instructions (routing-pass input) apart
+        from the other samples.  The loss of the whole is their supervised-token-weighted mean (exact)."""
+        groups = [[e for e in examples if not e.get("routing_pass")], [e for e in examples if e.get("routing_pass")]]
+        return [self.collate(g) for g in groups if g]
 
     def text_ids(self, texts: list[list[str]]) -> list[list[int]] | None:
         """Token ids of each sample's user texts for a connector that reads text (else None): the processor's
@@ -343,10 +401,13 @@ class Trainer:
             first = step_start(ckpt, index, start_stage, start_step, stage, world)
             examples = self.encode_used(stage, samples, {i for mb in mbs[first:] for i in mb})
             if self.store is not None:
-                # Only the images this stage will actually see; built once, by rank 0.
-                self.store = share_feature_cache(acc, self.store, lambda: FeatureCache(self.model),
+                # Only the images this stage will actually see, for a routed tower only those routed to it; built
+                # once, by rank 0.
+                make_cache = lambda: FeatureCache(self.model, towers=self.cached_towers)  # noqa: E731
+                self.store = share_feature_cache(acc, self.store, make_cache,
                                                  [e["image"] for e in examples.values() if e["image"]],
-                                                 self.progress)
+                                                 self.progress,
+                                                 paths_by_tower=self.routed_paths(list(examples.values())))
             optimizer = self._optimizer(stage)
             scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(stage.warmup_ratio * total), total)
             step = 0
@@ -362,7 +423,8 @@ class Trainer:
             if ckpt is None and index == 0:
                 self.calibrate_connector(examples)
             optimizer, loader, scheduler = self._prepare(stage, optimizer, planned_loader(examples, mbs[first:],
-                                                                                          self.collate), scheduler)
+                                                                                          self.collate_parts),
+                                                         scheduler)
             if resuming and is_sharded(acc):
                 acc.load_state(str(ckpt / "engine"))
             if step < total:
@@ -437,6 +499,22 @@ class Trainer:
                 f"process(es) = {now[1]} would change the batch plan. Keep batch_size and set grad_accum so that "
                 f"batch_size x grad_accum x processes = {then[1]}")
 
+    def routed_paths(self, examples: list[dict[str, Any]]) -> dict[str, list[str]]:
+        """Per needed tower, the image paths of these examples it runs on (all of them unless the connector routes
+        it: ``Connector.tower_rows``); routing instructions count with their routing-pass input."""
+        out: dict[str, list[str]] = {}
+        for routing_pass in (False, True):
+            group = [e for e in examples if e["image"] and bool(e.get("routing_pass")) == routing_pass]
+            if not group:
+                continue
+            routing = ([[0] * self.pool.num_experts] * len(group) if routing_pass
+                       else [e.get("routing") for e in group])
+            ctx = VlweaveContext.for_batch([True] * len(group), routing=routing, routing_pass=routing_pass)
+            for name, rows in self.model.tower_rows(ctx).items():
+                picked = group if rows is None else [group[int(i)] for i in rows]
+                out.setdefault(name, []).extend(e["image"] for e in picked)
+        return out
+
     @torch.no_grad()
     def calibrate_connector(self, examples: dict[int, dict[str, Any]], max_images: int = 512) -> None:
         """Let a connector measure input statistics (e.g. ``standardize``) on training images before step 1.
@@ -445,7 +523,7 @@ class Trainer:
         images = sorted({e["image"] for e in examples.values() if e["image"]})[:max_images]
         if calibrate is None or not images or BASE_TOWER not in self.model.needed_towers():
             return
-        if self.store is not None:
+        if self.store is not None and BASE_TOWER in self.store.stores:
             feats = self.store.batch(images)[BASE_TOWER]
         else:
             feats = self.model.vision_features(self.processor.pixel_values(images)[BASE_TOWER])
@@ -483,14 +561,19 @@ class Trainer:
             loss_sum, n_tok = 0.0, 0
             micro_losses: list[float] = []
             for k in range(stage.grad_accum):
-                batch = engine_inputs(next(batches), acc.distributed_type, acc.mixed_precision)
+                parts = next(batches)  # routing instructions apart from the other samples (collate_parts)
+                counts = [int((part["labels"][:, 1:] != IGNORE_INDEX).sum()) for part in parts]
                 with acc.accumulate(engine):
                     with acc.autocast():
-                        out = engine(**batch)
-                    acc.backward(out.loss)
-                micro_losses.append(float(out.loss.detach()))
+                        outs = [engine(**engine_inputs(part, acc.distributed_type, acc.mixed_precision))
+                                for part in parts]
+                    # One part: exactly the plain step; several: the token-weighted mean is the whole batch's loss.
+                    loss = outs[0].loss if len(parts) == 1 else sum(o.loss * (c / sum(counts))
+                                                                    for o, c in zip(outs, counts))
+                    acc.backward(loss)
+                micro_losses.append(float(loss.detach()))
                 loss_sum += micro_losses[-1]
-                n_tok += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                n_tok += sum(counts)
             if world > 1:
                 # Every rank sees the global step's losses and token count: the logged loss is the global batch's
                 # (as in a 1-process run) and the non-finite guard decides the same on every rank.

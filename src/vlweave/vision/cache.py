@@ -245,13 +245,20 @@ def prune_cache(folder: str | Path | None = None, *, dry_run: bool = False) -> t
 
 
 class FeatureCache:
-    """The frozen-feature stores of every tower a model's connector needs, keyed by tower name."""
+    """The frozen-feature stores of every tower a model's connector needs (or of ``towers``, e.g. only the frozen
+    ones), keyed by tower name.
 
-    def __init__(self, model, *, persist: bool = True, dtype: torch.dtype = torch.float32) -> None:
+    Routed towers (``Connector.tower_rows``, e.g. MoVA's experts): :meth:`ensure` takes ``paths_by_tower`` so that
+    a tower's store only computes the images routed to it, and :meth:`batch` takes ``rows`` so that it returns
+    only those rows (the model zero-fills the others)."""
+
+    def __init__(self, model, *, persist: bool = True, dtype: torch.dtype = torch.float32,
+                 towers: Sequence[str] | None = None) -> None:
+        names = [n for n in model.needed_towers() if towers is None or n in towers]
         self.stores: dict[str, FeatureStore] = {
             name: FeatureStore(model, tower_transform(model.tower_specs[name]), tower=name, persist=persist,
                                dtype=dtype)
-            for name in model.needed_towers()
+            for name in names
         }
 
     @staticmethod
@@ -259,13 +266,25 @@ class FeatureCache:
         """Caching is exact only for frozen towers."""
         return not any(p.requires_grad for n in model.needed_towers() for p in model.vision_towers[n].parameters())
 
-    def ensure(self, paths: Sequence[str], progress: bool = True) -> None:
+    def ensure(self, paths: Sequence[str], progress: bool = True,
+               paths_by_tower: "dict[str, Sequence[str]] | None" = None) -> None:
+        """Compute what is missing: ``paths`` for every store, or ``paths_by_tower[name]`` for a tower listed there."""
         for name, store in self.stores.items():
-            store.ensure(paths, progress, desc=f"caching tower features ({name})")
+            wanted = paths if paths_by_tower is None or name not in paths_by_tower else paths_by_tower[name]
+            store.ensure(wanted, progress, desc=f"caching tower features ({name})")
 
     def __contains__(self, path: str) -> bool:
         return all(path in store for store in self.stores.values())
 
-    def batch(self, paths: Sequence[str]) -> dict[str, list[torch.Tensor]]:
-        """Per tower: stacked prepared features [B, N, C] for ``paths`` (all must be cached)."""
-        return {name: store.batch(paths) for name, store in self.stores.items()}
+    def batch(self, paths: Sequence[str], rows: "dict[str, Any] | None" = None) -> dict[str, list[torch.Tensor]]:
+        """Per tower: stacked prepared features [B, N, C] for ``paths`` (all must be cached).  A tower with
+        ``rows[name]`` (image indices, not None) gets only those rows, in that order, and is left out when there
+        are none."""
+        out: dict[str, list[torch.Tensor]] = {}
+        for name, store in self.stores.items():
+            picked = None if rows is None else rows.get(name)
+            if picked is None:
+                out[name] = store.batch(paths)
+            elif len(picked):
+                out[name] = store.batch([paths[int(i)] for i in picked])
+        return out
