@@ -155,6 +155,8 @@ class Trainer:
         self.store: FeatureCache | None = None
         # Routed connectors (MoVA): records' routing names -> bits in expert order; routing instructions' tokens.
         self.pool = RoutingPool.from_connector(self.model.connector) if connector_routes(self.model) else None
+        if self.pool is not None:
+            self._stage_data.clear()  # reloaded with the pool: routing bits validated against the experts
         # Cache the towers that stay frozen in every stage (MoVA trains the base tower and keeps the experts frozen:
         # the experts, the expensive part, are still cached); a trained tower runs from pixels.
         components = self.model.components()
@@ -204,7 +206,10 @@ class Trainer:
         if not spec:
             raise ValueError(f"stage {stage.name!r}: no data (set data.train or stages[{index}].data)")
         path, root = resolve_data_path(spec)
-        experts = list(self.pool.experts) if self.pool is not None else None
+        # The preflight runs before the model (and its routing pool) exists; a routed model reloads the records
+        # once its pool is known, turning routing names into bits and checking their length.
+        pool = getattr(self, "pool", None)
+        experts = list(pool.experts) if pool is not None else None
         samples = load_llava_data(path, d.image_folder or root, routing_experts=experts)
         self.data_fingerprints[str(index)] = data_fingerprint(Path(path).expanduser().resolve(), len(samples))
         if d.max_samples is not None:
