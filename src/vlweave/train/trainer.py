@@ -45,6 +45,13 @@ from vlweave.train.policy import (
 from vlweave.vision.cache import FeatureCache
 from vlweave.vision.towers import BASE_TOWER
 
+# A stage's steps are flagged slow when the median of the last SLOW_WINDOW steps takes SLOW_FACTOR times the median
+# of its first ones (steps 2..SLOW_WINDOW+1; step 1 pays warm-ups): on a shared CPU that is usually another process
+# competing for the cores, and every timing of the run is then suspect.
+SLOW_FACTOR = 2.0
+RUN_CONFIG_NAME = "run_config.yaml"  # the resolved run config, saved inside final/
+SLOW_WINDOW = 5
+
 
 def encode_samples(samples: list[Sample], processor: VlweaveProcessor, template: str, system_prompt: str | None,
                    max_length: int, progress: bool = True) -> list[dict[str, Any]]:
@@ -106,6 +113,9 @@ class Trainer:
         # store exactly these tensors (``trained_names``).
         self.trained: dict[str, set[str]] = {}
         self._legacy_trained: set[str] = set()  # tensor names from a checkpoint saved before components
+        self.stage_times: list[dict[str, Any]] = []  # seconds per stage and part (this process's stages)
+        self.warnings: list[str] = []
+        self._slow_stages: set[int] = set()
         cfg.save(self.run_dir / "config.yaml")
 
     # ---- helpers --------------------------------------------------------------------------------------
@@ -247,6 +257,7 @@ class Trainer:
             if index < start_stage:
                 apply_tune_policy(self.model, stage, cfg.train.lora)  # same structure (LoRA) as the original run
                 continue
+            t_stage = time.time()
             apply_tune_policy(self.model, stage, cfg.train.lora)
             self._mark_trained(stage)
             if ckpt is not None and index == start_stage:
@@ -255,9 +266,11 @@ class Trainer:
             total, mbs = plan_batches(len(samples), stage, cfg.train.seed, index)
             first = step_start(ckpt, index, start_stage, start_step, stage)
             examples = self.encode_used(stage, samples, {i for mb in mbs[first:] for i in mb})
+            t_data = time.time()
             if self.store is not None:
                 # Only the images this stage will actually see.
                 self.store.ensure([e["image"] for e in examples.values() if e["image"]], self.progress)
+            t_features = time.time()
             optimizer = self._optimizer(stage)
             scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(stage.warmup_ratio * total), total)
             step = 0
@@ -271,12 +284,24 @@ class Trainer:
                 step = start_step
             if ckpt is None and index == 0:
                 self.calibrate_connector(examples)
+            t_steps = time.time()
+            steps_before = step
             if step < total:
                 self._run_stage(index, stage, examples, mbs, total, step, optimizer, scheduler)
+            t_save = time.time()
             self.save_state(index, total, optimizer, scheduler)
-        summary = {"train_seconds": time.time() - t0, "steps": len(self.metrics)}
+            self.stage_times.append({"stage": stage.name, "stage_index": index, "steps": total - steps_before,
+                                     "data_seconds": t_data - t_stage, "feature_seconds": t_features - t_data,
+                                     "step_seconds": t_save - t_steps, "save_seconds": time.time() - t_save,
+                                     "seconds": time.time() - t_stage})
+        summary: dict[str, Any] = {"train_seconds": time.time() - t0, "steps": len(self.metrics)}
+        t_export = time.time()
         self.export()
         self.plot_loss()
+        summary["export_seconds"] = time.time() - t_export
+        summary["stages"] = self.stage_times
+        summary["feature_cache"] = None if self.store is None else self.store.hit_rate()
+        summary["warnings"] = self.warnings
         (self.run_dir / "train_metrics.json").write_text(json.dumps({"summary": summary, "log": self.metrics}, indent=1))
         return summary
 
@@ -336,11 +361,29 @@ class Trainer:
             if grad_norm is not None:
                 rec["grad_norm"] = float(grad_norm)
             self.metrics.append(rec)
+            self._check_speed(stage, index)
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
             bar.update(1)
             if save_every and step % save_every == 0 and step < total:
                 self.save_state(index, step, optimizer, scheduler)
         bar.close()
+
+    def _check_speed(self, stage: StageConfig, index: int) -> None:
+        """Warn once per stage when its recent steps run :data:`SLOW_FACTOR` times slower than its first ones."""
+        if index in self._slow_stages or self.metrics[-1]["step"] % SLOW_WINDOW:
+            return
+        times = [m["seconds"] for m in self.metrics if m["stage_index"] == index]
+        if len(times) < 3 * SLOW_WINDOW + 1:
+            return
+        reference = float(np.median(times[1 : 1 + SLOW_WINDOW]))
+        recent = float(np.median(times[-SLOW_WINDOW:]))
+        if reference > 0 and recent > SLOW_FACTOR * reference:
+            msg = (f"stage {index} ({stage.name}): steps now take {recent:.2f}s, {recent / reference:.1f}x the "
+                   f"{reference:.2f}s of its first steps (step {len(times)}); another process may be competing "
+                   f"for the CPU cores, so this run's timings are not comparable")
+            self.warnings.append(msg)
+            self._slow_stages.add(index)
+            tqdm.write(f"warning: {msg}")
 
     # ---- outputs --------------------------------------------------------------------------------------
     def export(self) -> Path:
@@ -353,7 +396,11 @@ class Trainer:
         if left:  # nothing on load would rebuild these adapters: refuse rather than drop them silently
             raise RuntimeError(f"export: LoRA parameters outside every component survived the merge: {left[:5]}")
         self.model.requires_grad_(False)
-        return save_checkpoint(self.model, self.tokenizer, self.run_dir / "final", processor=self.processor)
+        final = save_checkpoint(self.model, self.tokenizer, self.run_dir / "final", processor=self.processor)
+        # The run config travels with the checkpoint: `vlweave eval` takes its eval settings (data, image folder,
+        # max new tokens, prompt suffix) and its training data (the blind baselines) from here.
+        self.cfg.save(Path(final) / RUN_CONFIG_NAME)
+        return final
 
     def plot_loss(self) -> Path | None:
         if not self.metrics:

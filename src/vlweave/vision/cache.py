@@ -77,6 +77,10 @@ class FeatureStore:
         self.path = assets.cache_dir() / "features" / f"{self.key}.safetensors" if persist else None
         self._feats: dict[str, list[torch.Tensor]] = {}
         self._dirty = False
+        # Images asked for through ``ensure`` that were already there (memory or the on-disk cache) / that ran
+        # the tower: the run's feature-cache hit rate (train_metrics.json).
+        self.hits = 0
+        self.misses = 0
         if self.path is not None and self.path.exists():
             self._load()
 
@@ -105,7 +109,10 @@ class FeatureStore:
     @torch.no_grad()
     def ensure(self, paths: Sequence[str], progress: bool = True, desc: str = "caching tower features") -> None:
         """Run the tower on every image not yet cached (batched, with a progress bar)."""
-        missing = sorted({p for p in paths if p is not None and p not in self._feats})
+        wanted = {p for p in paths if p is not None}
+        missing = sorted(p for p in wanted if p not in self._feats)
+        self.hits += len(wanted) - len(missing)
+        self.misses += len(missing)
         if not missing:
             return
         self.model.eval()
@@ -148,6 +155,12 @@ class FeatureCache:
 
     def __contains__(self, path: str) -> bool:
         return all(path in store for store in self.stores.values())
+
+    def hit_rate(self) -> dict[str, dict[str, float]]:
+        """Per tower: images found cached / computed by ``ensure`` so far, and the hit rate."""
+        return {name: {"hits": s.hits, "misses": s.misses,
+                       "hit_rate": s.hits / (s.hits + s.misses) if s.hits + s.misses else 0.0}
+                for name, s in self.stores.items()}
 
     def batch(self, paths: Sequence[str]) -> dict[str, list[torch.Tensor]]:
         """Per tower: stacked prepared features [B, N, C] for ``paths`` (all must be cached)."""
