@@ -9,6 +9,7 @@ resolved run config beside its checkpoints so that a result can always be traced
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -194,9 +195,27 @@ def _load_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, A
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     base = data.pop("base", None)
     if base:
-        parent = _load_yaml_with_base((path.parent / base), seen + (path.resolve(),))
+        parent = _load_yaml_with_base(_base_path(path, str(base)), seen + (path.resolve(),))
         data = _deep_merge(parent, data)
     return data
+
+
+def _base_path(path: Path, base: str) -> Path:
+    """``base:`` is a YAML path relative to the file, or a preset name (``base: demo``) when no such file exists."""
+    from vlweave.presets import PRESET_DIR, list_presets
+
+    candidate = path.parent / base
+    if candidate.exists() or Path(base).suffix in (".yaml", ".yml"):
+        return candidate
+    if (PRESET_DIR / f"{base}.yaml").exists():
+        return PRESET_DIR / f"{base}.yaml"
+    raise ConfigError(f"{path}: `base: {base}` is neither a file next to it nor a preset "
+                      f"({', '.join(list_presets())}){_did_you_mean(base, list_presets())}")
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -254,7 +273,12 @@ def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(prefix + k for k in unknown)}; known: {sorted(names)}")
+        suggest = ""
+        for k in unknown:
+            close = difflib.get_close_matches(k, sorted(names), n=1, cutoff=0.6)
+            suggest += f"; `{prefix}{k}`: did you mean `{prefix}{close[0]}`?" if close else ""
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(prefix + k for k in unknown)}{suggest}; "
+                          f"known: {sorted(names)}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, source, prefix + name)
