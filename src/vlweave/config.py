@@ -36,7 +36,7 @@ class VisionConfig:
     select_strategy: str = "default"  # "default": drop CLS/prefix tokens; "full": keep them
     aspect: str = "pad"  # image transform: "pad" (LLaVA-1.5 stage 2) or "square"
     image_mean: list[float] | None = None  # None: the tower folder's preprocessor_config.json, else its family's
-    image_std: list[float] | None = None
+    image_std: list[float] | None = None  # give both image_mean and image_std, or neither
     random_init: bool = False  # build from config only (tests, or towers whose weights are not available offline)
     config_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. tiny test towers
 
@@ -45,8 +45,9 @@ class VisionConfig:
 class ConnectorConfig:
     """Connector type (registry key) and its options; see ``vlweave.connectors``."""
 
+    # identity | linear | mlpNx_gelu | dense_sti | dense_sci | dense_dci | tower_concat (docs/dense.md)
     type: str = "mlp2x_gelu"
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # typed per family (connectors/options.py), e.g. {pool: 4}
 
 
 @dataclass
@@ -54,22 +55,22 @@ class LMModuleConfig:
     """An LM-side module a method adds inside or beside the LM (``vlweave.language.modules`` registry key); its tune
     key is ``name`` (default: the type)."""
 
-    type: str = ""
-    name: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    type: str = ""  # registry key in vlweave.language.modules, e.g. "block_adapter"
+    name: str | None = None  # tune key and weight prefix (None: the type); two modules of one type need names
+    options: dict[str, Any] = field(default_factory=dict)  # the module's own options, e.g. {layers: [-1]}
 
 
 @dataclass
 class LanguageConfig:
     """The causal LM, its chat template and sequence budget, and LM-side modules (``modules``)."""
 
-    name: str = "smollm2-135m-instruct"
+    name: str = "smollm2-135m-instruct"  # asset name, hub id or local folder of an HF causal LM
     tokenizer: str | None = None  # None: the LM's own folder
     template: str = "tokenizer"  # "plain" | "vicuna_v1" | "tokenizer" (the tokenizer's own Jinja template)
     system_prompt: str | None = None  # None: the template's default; "": no system message at all
-    max_length: int = 2048
-    random_init: bool = False
-    config_overrides: dict[str, Any] = field(default_factory=dict)
+    max_length: int = 2048  # tokens per training sample (image tokens included); longer samples are cut
+    random_init: bool = False  # build the LM from its config with random weights (tests)
+    config_overrides: dict[str, Any] = field(default_factory=dict)  # set on the LM's config before building
     modules: list[LMModuleConfig] = field(default_factory=list)  # e.g. [{type: block_adapter, options: {layers: [-1]}}]
 
 
@@ -80,7 +81,7 @@ class DataConfig:
     train: str = ""  # path; may start with an asset name, e.g. "easy-vqa:train.json"
     image_folder: str | None = None  # default: the data file's folder
     align: str | None = None  # separate data for the `align` stage (None: use `train`)
-    max_samples: int | None = None
+    max_samples: int | None = None  # use only the first N records of each stage's file (None: all)
     # None: pad each batch to its longest sequence (every padded token is computed: on this fp32 CPU rounding the
     # demo's 21-27-token samples up to 32 made a step 1.17-1.25x slower). Set 8/16 where bf16 autocast runs on a
     # CPU with AMX: there each new sequence length pays a kernel warm-up (../shared/design.md section 7).
@@ -89,9 +90,11 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    """PEFT LoRA for components whose stage policy is ``lora``."""
+
+    r: int = 16  # LoRA rank
+    alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = 0.0  # dropout on the LoRA input
     # Regex over module names: restrict LoRA to the LM (Dinov2 in transformers 5 uses the same q/k/v/o names).
     target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     # Only the LM's top N decoder layers (None: all). With the connector frozen, backward then stops below them:
@@ -103,61 +106,72 @@ class LoraConfig:
 class StageConfig:
     """One training stage. ``tune`` maps component -> policy (``frozen | full | lora``)."""
 
-    name: str = "finetune"
+    name: str = "finetune"  # "align" takes data.align when set; any other name takes data.train
+    # component (tune key: vision | vision.<tower> | connector | language | an LM module's name) -> policy
     tune: dict[str, str] = field(default_factory=lambda: {"vision": "frozen", "connector": "full", "language": "lora"})
     template: str | None = None  # None: language.template (LLaVA's align stage uses "plain")
     data: str | None = None  # None: data.train (or data.align for the align stage)
-    epochs: float = 1.0
+    epochs: float = 1.0  # passes over the stage's data (fractions allowed)
     max_steps: int | None = None  # caps epochs when set
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 2e-5
+    batch_size: int = 16  # samples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-5  # AdamW peak learning rate (cosine schedule after warm-up)
     connector_lr: float | None = None  # separate lr for the connector (LLaVA LoRA recipe: mm_projector_lr)
     # Per-component lr overrides by tune key ({connector: 1e-3, block_adapter: 1e-3}; `vision` = every tower);
     # a component_lr entry wins over connector_lr, which wins over lr.
     component_lr: dict[str, float] = field(default_factory=dict)
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_ratio: float = 0.03  # share of the stage's steps with linear warm-up
+    max_grad_norm: float = 1.0  # gradient clipping (0: none)
 
 
 @dataclass
 class TrainConfig:
+    """Stages, LoRA settings, seed, precision and the run folder."""
+
+    # the stages in order; the default is LLaVA's two (align: connector only at 1e-3; finetune: connector + LM LoRA)
     stages: list[StageConfig] = field(
         default_factory=lambda: [
             StageConfig(name="align", tune={"vision": "frozen", "connector": "full", "language": "frozen"}, lr=1e-3),
             StageConfig(name="finetune"),
         ]
     )
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    seed: int = 0
+    lora: LoraConfig = field(default_factory=LoraConfig)  # used by every stage with a `lora` policy
+    seed: int = 0  # model init and data order (a resumed run replays the same batches)
     bf16: bool = True  # autocast where the hardware supports it
     cache_features: bool = True  # frozen-feature cache: a frozen tower runs once per image
     save_every: int = 0  # steps; 0 = only at stage ends
-    log_every: int = 10
-    output_dir: str = "runs/default"
+    log_every: int = 10  # kept for old configs: every step is logged to train_metrics.json
+    output_dir: str = "runs/default"  # the run folder: config.yaml, checkpoints/, final/, metrics
 
 
 @dataclass
 class EvalConfig:
+    """Held-out questions: `vlweave train` evaluates on them at the end, `vlweave eval` of the checkpoint by
+    default, the demo and `compare` always."""
+
+    # "synthetic": the embedded scenes/documents/charts benchmark (compare, demo variants)
     data: str = ""  # question JSONL ({question_id, image, text, answer}); may start with an asset name
-    image_folder: str | None = None
+    image_folder: str | None = None  # folder the questions' image paths are relative to (default: the file's)
     limit: int | None = None  # evaluate N questions: the first N, or a seeded sample of N (subset_seed)
     subset_seed: int | None = 0  # fixed across runs/seeds so every model answers the same questions
-    batch_size: int = 32
-    max_new_tokens: int = 8
+    batch_size: int = 32  # questions per generation batch
+    max_new_tokens: int = 8  # greedy answer length cap
     prompt_suffix: str = ""  # e.g. "\nAnswer the question using a single word or phrase."
 
 
 @dataclass
 class RunConfig:
-    vision: VisionConfig = field(default_factory=VisionConfig)
+    """What to build (vision, towers, connector, language), what to train on (data), how (train), and how to
+    evaluate (eval)."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)  # the base vision tower
     towers: dict[str, VisionConfig] = field(default_factory=dict)  # extra towers by name ("base" is `vision`)
-    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
-    language: LanguageConfig = field(default_factory=LanguageConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)  # vision features -> LM embeddings
+    language: LanguageConfig = field(default_factory=LanguageConfig)  # the causal LM and its template
+    data: DataConfig = field(default_factory=DataConfig)  # training files
+    train: TrainConfig = field(default_factory=TrainConfig)  # stages and run folder
+    eval: EvalConfig = field(default_factory=EvalConfig)  # held-out questions
 
     # ---- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
