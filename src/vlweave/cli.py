@@ -216,6 +216,29 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    from vlweave import config_docs
+
+    if args.action == "docs":
+        if args.check:
+            problems = config_docs.check(args.output)
+            for p in problems:
+                print(f"vlweave config docs: {p}", file=sys.stderr)
+            return 1 if problems else 0
+        print(f"wrote {config_docs.write(args.output)}", file=sys.stderr)
+        return 0
+    import yaml
+
+    from vlweave.config import RunConfig
+    from vlweave.presets import preset_path
+
+    if not args.config:
+        raise ValueError("config show needs a CONFIG (a YAML file or preset name)")
+    # the resolved config (base chain and --set applied), as a run saves it in config.yaml
+    print(yaml.safe_dump(RunConfig.load(preset_path(args.config), args.set).to_dict(), sort_keys=False), end="")
+    return 0
+
+
 def _benchmark_names() -> list[str]:
     from vlweave.eval.benchmarks.registry import SCORERS
 
@@ -307,6 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", help="folder for predictions.jsonl and eval_metrics.json (with --benchmark: "
                                     "metrics.json; default CHECKPOINT/eval/NAME)")
     e.set_defaults(func=_cmd_eval)
+
+    g = sub.add_parser("config", help="the run-config reference (docs/config.md) or a resolved config")
+    g.add_argument("action", choices=["docs", "show"], help="docs: write docs/config.md from the config dataclasses "
+                                                            "and their comments; show: print CONFIG resolved")
+    g.add_argument("config", nargs="?", help="show: a YAML file or preset name")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    g.add_argument("--output", default="docs/config.md", help="docs: the file to write (default docs/config.md)")
+    g.add_argument("--check", action="store_true", help="docs: exit 1 when the file is stale or a field lacks a "
+                                                        "comment, write nothing")
+    g.set_defaults(func=_cmd_config)
 
     c = sub.add_parser("chat", help="chat about an image or a video (interactive without --prompt)")
     c.add_argument("checkpoint")
