@@ -91,24 +91,30 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_table(results: dict[str, Any]) -> None:
+    """One row per question group (all questions first), one column per config (mean +- std over seeds), then the
+    two blind baselines: the groups can be many (question templates), the configs are few."""
     summary = results["summary"]
     groups = sorted({g for s in summary.values() for g in s["groups"]})
+    counts = results.get("group_counts", {})
+    blind = results.get("baselines", {})
     table = Table(title=f"compare: {results['n_questions']} questions of {results['eval_data']}, "
                         f"seeds {results['seeds']} (mean +- std)")
-    counts = results.get("group_counts", {})
-    for col in ["config", "tokens", "accuracy", *groups, "train s"]:
-        label = f"{col} (n={counts[col]})" if col in counts else col
-        table.add_column(label, justify="left" if col == "config" else "right")
-    fmt = lambda m: f"{m['mean']:.3f} +- {m['std']:.3f}"  # noqa: E731
-    for name, s in summary.items():
-        table.add_row(name, str(s["visual_tokens"]), fmt(s["accuracy"]),
-                      *[fmt(s["groups"][g]) if g in s["groups"] else "-" for g in groups],
-                      f"{s['train_seconds']['mean']:.0f}")
-    blind = results.get("baselines", {})
-    for key, label in (("blind_majority", "blind: majority answer"), ("blind_per_template", "blind: per template")):
-        if any(key in b for b in blind.values()):
-            table.add_row(label, "-", *[f"{blind[g][key]:.3f}" if key in blind.get(g, {}) else "-"
-                                        for g in ["accuracy", *groups]], "-")
+    table.add_column("group")
+    table.add_column("n", justify="right")
+    for name in summary:
+        table.add_column(name, justify="right")
+    keys = [k for k in ("blind_majority", "blind_per_template") if any(k in b for b in blind.values())]
+    for k in keys:
+        table.add_column("blind: " + ("majority" if k == "blind_majority" else "per template"), justify="right")
+    fmt = lambda m: f"{m['mean']:.3f}+-{m['std']:.3f}"  # noqa: E731
+    for g in ["accuracy", *groups]:
+        cells = [fmt(s["accuracy"] if g == "accuracy" else s["groups"][g]) if g == "accuracy" or g in s["groups"]
+                 else "-" for s in summary.values()]
+        b = [f"{blind[g][k]:.3f}" if k in blind.get(g, {}) else "-" for k in keys]
+        table.add_row("all" if g == "accuracy" else g, str(counts.get(g, results["n_questions"] if g == "accuracy"
+                                                                     else "")), *cells, *b)
+    table.add_row("visual tokens", "", *[str(s["visual_tokens"]) for s in summary.values()], *[""] * len(keys))
+    table.add_row("train s", "", *[f"{s['train_seconds']['mean']:.0f}" for s in summary.values()], *[""] * len(keys))
     Console().print(table)
 
 
