@@ -184,3 +184,13 @@ def test_bad_override_and_missing_checkpoint_exit_code_2(tmp_path, capsys):
     q.write_text(json.dumps({"question_id": "a", "text": "What?"}) + "\n")
     assert main(["eval", str(tmp_path), "--data", str(q)]) == 2
     assert "not a checkpoint folder" in capsys.readouterr().err
+
+
+def test_train_with_a_missing_eval_file_fails_before_training(tmp_path, capsys):
+    cfg = make_run(tmp_path, stages=[finetune_stage("full", max_steps=1)])
+    cfg.eval.data = str(tmp_path / "no-such-questions.jsonl")
+    cfg.save(tmp_path / "noeval.yaml")
+    assert main(["train", str(tmp_path / "noeval.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-questions.jsonl" in err and "--no-eval" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was trained

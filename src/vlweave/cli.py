@@ -69,7 +69,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from vlweave.eval.runner import load_eval_questions
 
         # The question file first: a bad record is reported before any training.
-        questions = load_eval_questions(cfg.eval.data, cfg.eval.image_folder, cfg.eval.limit, cfg.eval.subset_seed)
+        try:
+            questions = load_eval_questions(cfg.eval.data, cfg.eval.image_folder, cfg.eval.limit,
+                                            cfg.eval.subset_seed)
+        except (FileNotFoundError, ValueError) as exc:
+            raise type(exc)(f"{exc} (eval.data of the config: `vlweave train` evaluates at the end; fix the "
+                            f"path or pass --no-eval)") from None
     trainer = Trainer(cfg)
     summary = trainer.train(resume=args.resume)
     out = {"run_dir": str(trainer.run_dir), "final": str(trainer.run_dir / "final"), **summary}
