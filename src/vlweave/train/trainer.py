@@ -49,8 +49,8 @@ from vlweave.vision.towers import BASE_TOWER
 # of its first ones (steps 2..SLOW_WINDOW+1; step 1 pays warm-ups): on a shared CPU that is usually another process
 # competing for the cores, and every timing of the run is then suspect.
 SLOW_FACTOR = 2.0
-RUN_CONFIG_NAME = "run_config.yaml"  # the resolved run config, saved inside final/
 SLOW_WINDOW = 5
+RUN_CONFIG_NAME = "run_config.yaml"  # the resolved run config, saved inside final/ (what `vlweave eval` reads)
 
 
 def encode_samples(samples: list[Sample], processor: VlweaveProcessor, template: str, system_prompt: str | None,
