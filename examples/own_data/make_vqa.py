@@ -89,8 +89,9 @@ def build(pairs: list[tuple[Path, str]], out: Path, noun: str, test_fraction: fl
             test += [{"question_id": f"{i}-{k}", "image": str(rel), "text": q, "answer": a, "type": t}
                      for k, (q, a, t) in enumerate(qa)]
             continue
-        train += [{"id": f"{i}-{k}", "image": str(rel), "conversations": [
-            {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]} for k, (q, a, _) in enumerate(qa)]
+        train += [{"id": f"{i}-{k}", "image": str(rel),
+                   "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]}
+                  for k, (q, a, _) in enumerate(qa)]
         captions.append({"id": f"{i}-caption", "image": str(rel), "conversations": [
             {"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": label}]})
     rng.shuffle(train)

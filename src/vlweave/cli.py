@@ -153,13 +153,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else (ev.max_new_tokens if ev else 16)
     batch_size = args.batch_size if args.batch_size is not None else (ev.batch_size if ev else 32)
     suffix = args.prompt_suffix if args.prompt_suffix is not None else (ev.prompt_suffix if ev else "")
+    # As the run evaluated at its end: bf16 autocast changes greedy answers where two tokens are close.
+    bf16 = args.bf16 if args.bf16 is not None else (run_cfg.train.bf16 if run_cfg is not None else False)
     report = evaluate(model, tokenizer, questions, out_dir=out_dir, batch_size=batch_size,
-                      max_new_tokens=max_new_tokens, prompt_suffix=suffix, bf16=args.bf16,
+                      max_new_tokens=max_new_tokens, prompt_suffix=suffix, bf16=bf16,
                       processor=processor, template=args.template, train=train, group_by=args.group_by)
     report.pop("answers")
-    report["settings"] = {"data": data, "image_folder": image_folder, "limit": limit, "subset_seed": subset_seed,
-                          "template": args.template or processor.chat_template_name, "run_config": str(cfg_path) if cfg_path
-                          else None, "train_data": args.train_data or (None if run_cfg is None else "run config")}
+    from vlweave.hardware import bf16_available
+
+    report["settings"] = {"bf16": bool(bf16 and bf16_available()), "data": data, "image_folder": image_folder,
+                          "limit": limit, "subset_seed": subset_seed,
+                          "template": args.template or processor.chat_template_name,
+                          "run_config": str(cfg_path) if cfg_path else None,
+                          "train_data": args.train_data or (None if run_cfg is None else "run config")}
     (Path(out_dir) / "eval_metrics.json").write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps(report, indent=2, default=str))
     print_report(report, f"{data}: {report['n']} questions, greedy, normalised exact match", Console(stderr=True))
@@ -190,7 +196,7 @@ def _cmd_eval_benchmark(args: argparse.Namespace) -> int:
     max_new_tokens = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
     report = run_benchmark(model, tokenizer, inputs, out_dir=out_dir, parser=args.parser,
                            checkpoint=str(args.checkpoint), batch_size=args.batch_size or 32,
-                           max_new_tokens=max_new_tokens, bf16=args.bf16, processor=processor)
+                           max_new_tokens=max_new_tokens, bf16=bool(args.bf16), processor=processor)
     print(json.dumps({k: v for k, v in report.items() if k != "model"}, indent=2, default=str))
     if not report["scored"]:
         print(f"not scored: {report['unscored_reason']}", file=sys.stderr)
@@ -331,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "category/type/domain when present, else the question template)")
     e.add_argument("--train-data", metavar="FILE", help="training data the blind baselines learn from (default: "
                                                         "the checkpoint's run config's training data)")
-    e.add_argument("--bf16", action="store_true")
+    e.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast where native (default: the checkpoint's train.bf16, as its run evaluated; "
+                        "else off)")
     e.add_argument("--output", help="folder for predictions.jsonl and eval_metrics.json (with --benchmark: "
                                     "metrics.json; default CHECKPOINT/eval/NAME)")
     e.set_defaults(func=_cmd_eval)

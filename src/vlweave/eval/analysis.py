@@ -132,7 +132,8 @@ def confusion_summary(questions: Sequence[Question], answers: Sequence[str]) -> 
     return {
         "vocabulary": len(vocab),
         "per_answer": {g: {"accuracy": sum(v) / len(v), "n": len(v)} for g, v in sorted(per.items())},
-        "top_confusions": [{"answer": g, "predicted": p, "count": c} for (g, p), c in mistakes.most_common(TOP_CONFUSIONS)],
+        "top_confusions": [{"answer": g, "predicted": p, "count": c}
+                           for (g, p), c in mistakes.most_common(TOP_CONFUSIONS)],
         "outside_vocabulary": sum(p not in vocab for p in pred),
         "predicted_counts": dict(Counter(pred).most_common(TOP_CONFUSIONS)),
     }
@@ -259,6 +260,7 @@ def print_details(report: dict[str, Any], console) -> None:
                 f"{c['answer']} -> {c['predicted'] or '<empty>'} x{c['count']}" for c in conf["top_confusions"][:5]))
     cons = report.get("consistency")
     if cons:
-        console.print(f"yes/no vs the model's own naming answers ({cons['n']} pairs): model {cons['model_accuracy']:.3f}"
+        console.print(f"yes/no vs the model's own naming answers ({cons['n']} pairs): "
+                      f"model {cons['model_accuracy']:.3f}"
                       f", implied by its names {cons['naming_implied_accuracy']:.3f}, agreement "
                       f"{cons['consistency']:.3f}")
