@@ -34,12 +34,34 @@ def trained_run(tmp_path_factory):
     return tmp, tmp / "run", cfg
 
 
+def blind_majority(cfg) -> float:
+    """The majority training answer's accuracy on the eval questions, counted here from the files."""
+    from collections import Counter
+
+    train = [r["conversations"][1]["value"] for r in json.loads(Path(cfg.data.train).read_text())]
+    top = Counter(train).most_common(1)[0][0]
+    gold = [q.answer for q in read_questions(cfg.eval.data)]
+    return gold.count(top) / len(gold)
+
+
 def test_train_writes_a_run(trained_run, capsys):
     tmp, run, cfg = trained_run
     assert (run / "final" / "model.safetensors").is_file()
     assert (run / "config.yaml").is_file()
-    log = json.loads((run / "train_metrics.json").read_text())["log"]
-    assert len(log) == 3
+    metrics = json.loads((run / "train_metrics.json").read_text())
+    assert len(metrics["log"]) == 3
+    (stage,) = metrics["summary"]["stages"]
+    assert stage["stage"] == "finetune" and stage["steps"] == 3
+    assert stage["seconds"] >= stage["step_seconds"] > 0 and stage["data_seconds"] > 0
+    # 3 steps of 4 from 16 records: every image the stage visits is computed once (a fresh cache), none reused
+    cache = metrics["summary"]["feature_cache"]["base"]
+    assert cache["hits"] == 0 and 4 <= cache["misses"] <= 12 and cache["hit_rate"] == 0.0
+    # the config has an eval block: train evaluated at the end, into the run folder
+    final = json.loads((run / "metrics.json").read_text())
+    assert final["n"] == 6 and (run / "predictions.jsonl").is_file() and (run / "eval_metrics.json").is_file()
+    assert final["group_by"] == "template" and sum(g["n"] for g in final["groups"].values()) == 6
+    assert final["baselines"]["majority"] == pytest.approx(blind_majority(cfg))
+    assert (run / "final" / "run_config.yaml").is_file()
 
 
 def test_train_set_override_and_resume(trained_run, capsys, tmp_path):
@@ -80,6 +102,28 @@ def test_eval_on_the_checkpoint(trained_run, capsys, tmp_path):
     assert main(["eval", str(run / "final"), "--data", str(qfile), "--limit", "2", "--output", str(tmp_path / "e2")]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 2
     assert len((tmp_path / "e2" / "predictions.jsonl").read_text().splitlines()) == 2
+
+
+def test_eval_uses_the_checkpoints_own_settings(trained_run, capsys, tmp_path):
+    tmp, run, cfg = trained_run
+    out = tmp_path / "own"
+    assert main(["eval", str(run / "final"), "--output", str(out)]) == 0  # no --data: the run config's eval block
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["n"] == 6 and report["max_new_tokens"] == cfg.eval.max_new_tokens == 4
+    assert report["settings"]["data"] == cfg.eval.data and report["settings"]["template"] == "tokenizer"
+    assert report["settings"]["run_config"].endswith("run_config.yaml")
+    # the same answers as the evaluation `vlweave train` ran at the end
+    assert (out / "predictions.jsonl").read_text() == (run / "predictions.jsonl").read_text()
+    assert "blind per template" in captured.err and "all" in captured.err  # the printed table
+    # blind baselines from the training data; every group has its count
+    assert report["baselines"]["majority"] == pytest.approx(blind_majority(cfg))
+    assert all({"n", "accuracy", "blind_majority", "blind_per_template"} <= set(g) for g in report["groups"].values())
+    # an override wins; a --group-by the questions lack is a clear error before the model load
+    assert main(["eval", str(run / "final"), "--max-new-tokens", "2", "--output", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["max_new_tokens"] == 2
+    assert main(["eval", str(run / "final"), "--group-by", "colour"]) == 2
+    assert "--group-by 'colour': 6 of 6 questions have no 'colour' field" in capsys.readouterr().err
 
 
 def test_chat_prompt(trained_run, capsys):
@@ -140,3 +184,13 @@ def test_bad_override_and_missing_checkpoint_exit_code_2(tmp_path, capsys):
     q.write_text(json.dumps({"question_id": "a", "text": "What?", "answer": "x"}) + "\n")  # scorable: has an answer
     assert main(["eval", str(tmp_path), "--data", str(q)]) == 2
     assert "not a checkpoint folder" in capsys.readouterr().err
+
+
+def test_train_with_a_missing_eval_file_fails_before_training(tmp_path, capsys):
+    cfg = make_run(tmp_path, stages=[finetune_stage("full", max_steps=1)])
+    cfg.eval.data = str(tmp_path / "no-such-questions.jsonl")
+    cfg.save(tmp_path / "noeval.yaml")
+    assert main(["train", str(tmp_path / "noeval.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-questions.jsonl" in err and "--no-eval" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was trained

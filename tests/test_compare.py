@@ -42,10 +42,16 @@ def test_compare_two_connectors_two_seeds(tmp_path, capsys):
         for seed in ("0", "1"):  # each run saved its predictions on the same 6 questions
             preds = (out / f"{name.rsplit('/', 1)[-1][:-5]}-seed{seed}" / "predictions.jsonl").read_text().splitlines()
             assert [json.loads(line)["question_id"] for line in preds] == [f"q{i}" for i in range(6)]
+    # groups (question templates here: the questions have no type field) with counts and blind baselines
+    assert sum(data["group_counts"].values()) == 6
+    assert set(data["baselines"]) == set(data["group_counts"]) | {"accuracy"}
+    assert all(set(b) == {"blind_majority", "blind_per_template"} for b in data["baselines"].values())
+    printed = capsys.readouterr().out
+    assert "blind:" in printed and "what color?" in printed  # the baseline columns, a template row
     # different seeds train different models (different init and data order)
     first = data["runs"][paths[0]]
     assert first["0"]["train_seconds"] > 0
-    assert "compare:" in capsys.readouterr().out
+    assert "compare:" in printed
 
 
 def test_compare_bad_config_fails_before_training(tmp_path, capsys):

@@ -74,10 +74,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = _resume_config(args, preset_path)
     else:
         cfg = RunConfig.load(preset_path(args.config), overrides)
+    questions = None
+    evaluate_after = bool(cfg.eval.data) and not args.no_eval
+    if evaluate_after and cfg.eval.data != "synthetic":
+        from vlweave.eval.runner import load_eval_questions
+
+        # The question file first: a bad record is reported before any training.
+        try:
+            questions = load_eval_questions(cfg.eval.data, cfg.eval.image_folder, cfg.eval.limit,
+                                            cfg.eval.subset_seed)
+        except (FileNotFoundError, ValueError) as exc:
+            raise type(exc)(f"{exc} (eval.data of the config: `vlweave train` evaluates at the end; fix the "
+                            f"path or pass --no-eval)") from None
     trainer = Trainer(cfg)
     summary = trainer.train(resume=args.resume)
-    if trainer.is_main:  # under `accelerate launch`, one summary (rank 0's)
-        print(json.dumps({"run_dir": str(trainer.run_dir), "final": str(trainer.run_dir / "final"), **summary}, indent=2))
+    if trainer.is_main:  # under `accelerate launch`, one summary (rank 0's) and one evaluation
+        out = {"run_dir": str(trainer.run_dir), "final": str(trainer.run_dir / "final"), **summary}
+        if evaluate_after:
+            out["eval"] = _evaluate_run(trainer, cfg, questions, args.group_by)
+        print(json.dumps(out, indent=2))
     return 0
 
 
@@ -104,9 +119,42 @@ def _resume_config(args: argparse.Namespace, preset_path):
     return RunConfig.load(source, [f"train.output_dir={run_dir}"])
 
 
+def _evaluate_run(trainer, cfg, questions, group_by: str | None) -> dict:
+    """`vlweave train`'s evaluation at the end (the config's eval block): predictions.jsonl, eval_metrics.json and
+    metrics.json in the run folder, the table on stderr; returns the headline numbers."""
+    from rich.console import Console
+
+    from vlweave.eval.analysis import print_report
+    from vlweave.runs import evaluate_trained
+
+    accuracy, groups, report, _ = evaluate_trained(trainer, cfg, questions, trainer.run_dir, trainer.progress,
+                                                   group_by)
+    (trainer.run_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
+    if questions is not None:
+        print_report(report, f"{cfg.eval.data}: {report['n']} questions, greedy, normalised exact match",
+                     Console(stderr=True))
+    return {"accuracy": accuracy, "groups": groups, "metrics": str(trainer.run_dir / "metrics.json")}
+
+
+def _checkpoint_run_config(checkpoint: str | Path):
+    """The run config a checkpoint was trained with: ``final/run_config.yaml``, else the run folder's
+    ``config.yaml`` beside ``final/``; None for a checkpoint made elsewhere."""
+    from vlweave.config import RunConfig
+    from vlweave.train.trainer import RUN_CONFIG_NAME
+
+    for path in (Path(checkpoint) / RUN_CONFIG_NAME, Path(checkpoint).parent / "config.yaml"):
+        if path.is_file():
+            return RunConfig.load(path), path
+    return None, None
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from vlweave.builder import load_checkpoint, load_processor
+    from vlweave.eval.analysis import print_report, train_questions
     from vlweave.eval.runner import evaluate, load_eval_questions
+    from vlweave.runs import training_questions
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -118,18 +166,54 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return _cmd_eval_benchmark(args)
     if args.annotations is not None or args.split is not None or args.parser is not None:
         raise ValueError("--annotations, --split and --parser need --benchmark")
+    # The checkpoint's own eval settings unless overridden on the command line.
+    run_cfg, cfg_path = _checkpoint_run_config(args.checkpoint)
+    ev = run_cfg.eval if run_cfg is not None else None
+    data = args.data or (ev.data if ev is not None else "")
+    if not data or data == "synthetic":
+        raise ValueError(f"{args.checkpoint}: give --data (the checkpoint's run config "
+                         f"{'has no eval.data' if ev is not None else 'was not found'})")
+    own = ev is not None and data == ev.data  # the config's own question file: its image folder and subset too
+    image_folder = args.image_folder or (ev.image_folder if own else None)
+    limit = args.limit if args.limit is not None else (ev.limit if own else None)
+    subset_seed = args.subset_seed if args.subset_seed is not None else (ev.subset_seed if own else None)
     # The question file first: a bad record is reported before the (slow) model load.
-    questions = load_eval_questions(args.data, args.image_folder, args.limit, args.subset_seed)
+    questions = load_eval_questions(data, image_folder, limit, subset_seed)
+    if args.train_data:
+        from vlweave.assets import resolve_data_path
+
+        train = train_questions(resolve_data_path(args.train_data)[0])
+    else:
+        train = training_questions(run_cfg) if run_cfg is not None else None
+    from vlweave.eval.analysis import group_field
+
+    group_field(questions, args.group_by)  # a --group-by the questions lack fails before the model load
     model, tokenizer = load_checkpoint(args.checkpoint)
     processor = load_processor(args.checkpoint, tokenizer)
     out_dir = args.output or str(Path(args.checkpoint) / "eval")
-    max_new_tokens = 16 if args.max_new_tokens is None else args.max_new_tokens
-    report = evaluate(model, tokenizer, questions, out_dir=out_dir, batch_size=args.batch_size,
-                      max_new_tokens=max_new_tokens, prompt_suffix=args.prompt_suffix, bf16=args.bf16,
-                      processor=processor, routing=args.routing, routing_seed=args.routing_seed)
+    max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else (ev.max_new_tokens if ev else 16)
+    batch_size = args.batch_size if args.batch_size is not None else (ev.batch_size if ev else 32)
+    suffix = args.prompt_suffix if args.prompt_suffix is not None else (ev.prompt_suffix if ev else "")
+    # As the run evaluated at its end: bf16 autocast changes greedy answers where two tokens are close.
+    bf16 = args.bf16 if args.bf16 is not None else (run_cfg.train.bf16 if run_cfg is not None else False)
+    report = evaluate(model, tokenizer, questions, out_dir=out_dir, batch_size=batch_size,
+                      max_new_tokens=max_new_tokens, prompt_suffix=suffix, bf16=bf16,
+                      processor=processor, template=args.template, train=train, group_by=args.group_by,
+                      routing=args.routing, routing_seed=args.routing_seed)
     report.pop("answers")
+    from vlweave.hardware import bf16_available
+
+    report["settings"] = {"bf16": bool(bf16 and bf16_available()), "data": data, "image_folder": image_folder,
+                          "limit": limit, "subset_seed": subset_seed,
+                          "template": args.template or processor.chat_template_name,
+                          "run_config": str(cfg_path) if cfg_path else None,
+                          "train_data": args.train_data or (None if run_cfg is None else "run config")}
+    from vlweave.safe_io import atomic_write_text
+
+    atomic_write_text(Path(out_dir) / "eval_metrics.json", json.dumps(report, indent=2, default=str), "eval metrics")
     _refresh_card(args.checkpoint, out_dir)
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2, default=str))
+    print_report(report, f"{data}: {report['n']} questions, greedy, normalised exact match", Console(stderr=True))
     print(f"predictions: {Path(out_dir) / 'predictions.jsonl'}", file=sys.stderr)
     return 0
 
@@ -148,6 +232,10 @@ def _cmd_eval_benchmark(args: argparse.Namespace) -> int:
     from vlweave.eval.benchmarks.inputs import load_benchmark
     from vlweave.eval.benchmarks.registry import get_benchmark
 
+    if not args.data:
+        raise ValueError("--benchmark needs --data (the benchmark's file or folder)")
+    if args.group_by or args.train_data or args.template:
+        raise ValueError("--group-by, --train-data and --template do not apply with --benchmark")
     if args.prompt_suffix or args.subset_seed is not None:
         raise ValueError("--prompt-suffix and --subset-seed do not apply with --benchmark (the benchmark's own "
                          "prompt convention is used; --limit takes the first N questions)")
@@ -160,8 +248,8 @@ def _cmd_eval_benchmark(args: argparse.Namespace) -> int:
     out_dir = Path(args.output or Path(args.checkpoint) / "eval" / args.benchmark)
     max_new_tokens = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
     report = run_benchmark(model, tokenizer, inputs, out_dir=out_dir, parser=args.parser,
-                           checkpoint=str(args.checkpoint), batch_size=args.batch_size,
-                           max_new_tokens=max_new_tokens, bf16=args.bf16, processor=processor,
+                           checkpoint=str(args.checkpoint), batch_size=args.batch_size or 32,
+                           max_new_tokens=max_new_tokens, bf16=bool(args.bf16), processor=processor,
                            routing=args.routing, routing_seed=args.routing_seed)
     _refresh_card(args.checkpoint, out_dir)
     print(json.dumps({k: v for k, v in report.items() if k != "model"}, indent=2, default=str))
@@ -310,6 +398,29 @@ def _routing_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing-seed", type=int, default=0, help="seed of --routing random")
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    from vlweave import config_docs
+
+    if args.action == "docs":
+        if args.check:
+            problems = config_docs.check(args.output)
+            for p in problems:
+                print(f"vlweave config docs: {p}", file=sys.stderr)
+            return 1 if problems else 0
+        print(f"wrote {config_docs.write(args.output)}", file=sys.stderr)
+        return 0
+    import yaml
+
+    from vlweave.config import RunConfig
+    from vlweave.presets import preset_path
+
+    if not args.config:
+        raise ValueError("config show needs a CONFIG (a YAML file or preset name)")
+    # the resolved config (base chain and --set applied), as a run saves it in config.yaml
+    print(yaml.safe_dump(RunConfig.load(preset_path(args.config), args.set).to_dict(), sort_keys=False), end="")
+    return 0
+
+
 def _benchmark_names() -> list[str]:
     from vlweave.eval.benchmarks.registry import SCORERS
 
@@ -368,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     t.add_argument("--output", help="run folder (overrides train.output_dir)")
     t.add_argument("--resume", help="run folder or checkpoint to continue exactly")
+    t.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end (the config's eval block)")
+    t.add_argument("--group-by", metavar="FIELD", help="group the final evaluation by this question field "
+                                                       "(default: category/type/domain when present, else template)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="greedy evaluation of a checkpoint on a question file or a released benchmark",
@@ -376,9 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "prompts (methods.md 0.8) and the benchmark's exact scorer.",
                        epilog=_benchmark_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("checkpoint")
-    e.add_argument("--data", required=True,
-                   help="question JSONL ({question_id, image, text, answer}) or asset:file; with --benchmark: the "
-                        "benchmark's file or folder (layouts below)")
+    e.add_argument("--data",
+                   help="question JSONL ({question_id, image, text, answer}) or asset:file (default: the "
+                        "checkpoint's own eval.data); with --benchmark: the benchmark's file or folder (layouts below)")
     e.add_argument("--benchmark", metavar="NAME", help="score a released benchmark: " + ", ".join(_benchmark_names()))
     e.add_argument("--image-folder", help="folder the records' image paths are relative to")
     e.add_argument("--annotations", help="ground truth for --benchmark (POPE: folder of coco_pope_<split>.json; "
@@ -390,10 +504,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="first N questions (with --benchmark: MMBench questions with all "
                                              "their circular copies, MME images with both questions)")
     e.add_argument("--subset-seed", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--max-new-tokens", type=int, default=None, help="default 16; with --benchmark 128 (LLaVA's)")
-    e.add_argument("--prompt-suffix", default="")
-    e.add_argument("--bf16", action="store_true")
+    e.add_argument("--batch-size", type=int, default=None, help="default: the checkpoint's eval.batch_size, else 32")
+    e.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: the checkpoint's eval.max_new_tokens, else 16; with --benchmark 128 (LLaVA's)")
+    e.add_argument("--prompt-suffix", default=None, help="default: the checkpoint's eval.prompt_suffix")
+    e.add_argument("--template", help="chat template instead of the checkpoint's own (plain | vicuna_v1 | tokenizer)")
+    e.add_argument("--group-by", metavar="FIELD", help="report accuracy per value of this question field (default: "
+                                                       "category/type/domain when present, else the question template)")
+    e.add_argument("--train-data", metavar="FILE", help="training data the blind baselines learn from (default: "
+                                                        "the checkpoint's run config's training data)")
+    e.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast where native (default: the checkpoint's train.bf16, as its run evaluated; "
+                        "else off)")
     e.add_argument("--output", help="folder for predictions.jsonl and eval_metrics.json (with --benchmark: "
                                     "metrics.json; default CHECKPOINT/eval/NAME)")
     _routing_arguments(e)
@@ -406,6 +528,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--check", help="a vlweave checkpoint folder (connector: mova, preset: reference) whose "
                                    "connector the converted tensors must fit, names and shapes")
     v.set_defaults(func=_cmd_convert)
+
+    g = sub.add_parser("config", help="the run-config reference (docs/config.md) or a resolved config")
+    g.add_argument("action", choices=["docs", "show"], help="docs: write docs/config.md from the config dataclasses "
+                                                            "and their comments; show: print CONFIG resolved")
+    g.add_argument("config", nargs="?", help="show: a YAML file or preset name")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    g.add_argument("--output", default="docs/config.md", help="docs: the file to write (default docs/config.md)")
+    g.add_argument("--check", action="store_true", help="docs: exit 1 when the file is stale or a field lacks a "
+                                                        "comment, write nothing")
+    g.set_defaults(func=_cmd_config)
 
     c = sub.add_parser("chat", help="chat about an image or a video (interactive without --prompt)")
     c.add_argument("checkpoint")

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlweave.config import RunConfig
-from vlweave.data.easyvqa import add_question_types
+from vlweave.data.easyvqa import add_question_types, question_template
 from vlweave.eval.runner import load_eval_questions
 from vlweave.presets import preset_path
 from vlweave.runs import train_and_evaluate
@@ -35,8 +35,10 @@ def compare(configs: list[str], seeds: list[int], out_dir: str | Path, overrides
     if first.eval.data != "synthetic":
         questions = load_eval_questions(first.eval.data, first.eval.image_folder, first.eval.limit,
                                         first.eval.subset_seed)
+    template_fn = None  # the blind per-template baseline masks the training answers' words...
     if questions is not None and first.eval.data.startswith("easy-vqa:"):
         add_question_types(questions)
+        template_fn = question_template  # ...or, on easy-vqa, its colour/shape slots (the demo's numbers)
     n_questions = len(questions) if questions is not None else "all"
     results: dict[str, Any] = {"configs": configs, "seeds": seeds, "n_questions": n_questions,
                                "eval_data": first.eval.data, "runs": {}}
@@ -45,9 +47,11 @@ def compare(configs: list[str], seeds: list[int], out_dir: str | Path, overrides
         for name in configs:
             cfg = RunConfig.load(preset_path(name), (overrides or []) + [f"train.seed={seed}"])
             console.print(f"[bold]compare[/bold] {name} seed {seed}")
-            run = train_and_evaluate(cfg, questions, out / f"{Path(name).stem}-seed{seed}", progress)
+            run = train_and_evaluate(cfg, questions, out / f"{Path(name).stem}-seed{seed}", progress,
+                                     template_fn=template_fn)
             r = {"accuracy": run.accuracy, "groups": run.groups, "train_seconds": run.setup_seconds + run.train_seconds,
-                 "eval_seconds": run.eval_seconds, "visual_tokens": run.visual_tokens}
+                 "eval_seconds": run.eval_seconds, "visual_tokens": run.visual_tokens, "baselines": run.baselines,
+                 "group_counts": {g: v["n"] for g, v in run.report.get("groups", {}).items()}}
             results["runs"][name][str(seed)] = r
             console.print(f"  accuracy {r['accuracy']:.3f} ({r['train_seconds']:.0f}s train)")
             (out / "compare.json").write_text(json.dumps(summarise(results), indent=2))
@@ -65,6 +69,14 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
     summary = {}
+    blind: dict[str, dict[str, list[float]]] = {}  # group -> baseline -> values (runs' training data may differ)
+    counts: dict[str, int] = {}
+    for by_seed in results["runs"].values():
+        for r in by_seed.values():
+            counts.update(r.get("group_counts", {}))
+            for g, b in r.get("baselines", {}).items():
+                for k, v in b.items():
+                    blind.setdefault(g, {}).setdefault(k, []).append(v)
     for name, by_seed in results["runs"].items():
         runs = list(by_seed.values())
         if not runs:
@@ -74,21 +86,35 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                          "groups": {g: _mean_std([r["groups"][g] for r in runs if g in r["groups"]]) for g in groups},
                          "train_seconds": _mean_std([r["train_seconds"] for r in runs]),
                          "visual_tokens": runs[0]["visual_tokens"]}
-    return {**results, "summary": summary}
+    baselines = {g: {k: statistics.fmean(v) for k, v in b.items()} for g, b in blind.items()}
+    return {**results, "summary": summary, "baselines": baselines, "group_counts": counts}
 
 
 def print_table(results: dict[str, Any]) -> None:
+    """One row per question group (all questions first), one column per config (mean +- std over seeds), then the
+    two blind baselines: the groups can be many (question templates), the configs are few."""
     summary = results["summary"]
     groups = sorted({g for s in summary.values() for g in s["groups"]})
+    counts = results.get("group_counts", {})
+    blind = results.get("baselines", {})
     table = Table(title=f"compare: {results['n_questions']} questions of {results['eval_data']}, "
                         f"seeds {results['seeds']} (mean +- std)")
-    for col in ["config", "tokens", "accuracy", *groups, "train s"]:
-        table.add_column(col, justify="left" if col == "config" else "right")
-    fmt = lambda m: f"{m['mean']:.3f} +- {m['std']:.3f}"  # noqa: E731
-    for name, s in summary.items():
-        table.add_row(name, str(s["visual_tokens"]), fmt(s["accuracy"]),
-                      *[fmt(s["groups"][g]) if g in s["groups"] else "-" for g in groups],
-                      f"{s['train_seconds']['mean']:.0f}")
+    table.add_column("group")
+    table.add_column("n", justify="right")
+    for name in summary:
+        table.add_column(name, justify="right")
+    keys = [k for k in ("blind_majority", "blind_per_template") if any(k in b for b in blind.values())]
+    for k in keys:
+        table.add_column("blind: " + ("majority" if k == "blind_majority" else "per template"), justify="right")
+    fmt = lambda m: f"{m['mean']:.3f}+-{m['std']:.3f}"  # noqa: E731
+    for g in ["accuracy", *groups]:
+        cells = [fmt(s["accuracy"] if g == "accuracy" else s["groups"][g]) if g == "accuracy" or g in s["groups"]
+                 else "-" for s in summary.values()]
+        b = [f"{blind[g][k]:.3f}" if k in blind.get(g, {}) else "-" for k in keys]
+        table.add_row("all" if g == "accuracy" else g, str(counts.get(g, results["n_questions"] if g == "accuracy"
+                                                                     else "")), *cells, *b)
+    table.add_row("visual tokens", "", *[str(s["visual_tokens"]) for s in summary.values()], *[""] * len(keys))
+    table.add_row("train s", "", *[f"{s['train_seconds']['mean']:.0f}" for s in summary.values()], *[""] * len(keys))
     Console().print(table)
 
 
@@ -108,7 +134,17 @@ def plot(results: dict[str, Any], path: Path) -> None:
         stats = [s["accuracy"]] + [s["groups"].get(g, {"mean": 0.0, "std": 0.0}) for g in groups[1:]]
         xs = [j + i * width for j in range(len(groups))]
         ax.bar(xs, [m["mean"] for m in stats], width, yerr=[m["std"] for m in stats], capsize=3, label=name)
-    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(groups))], groups)
+    blind = results.get("baselines", {})
+    labelled = False
+    for j, g in enumerate(groups):  # the blind per-template baseline as a line across each group's bars
+        if "blind_per_template" in blind.get(g, {}):
+            ax.hlines(blind[g]["blind_per_template"], j - width / 2, j + width * (len(names) - 0.5), colors="black",
+                      linestyles="dashed", label=None if labelled else "blind: majority per template")
+            labelled = True
+    counts = results.get("group_counts", {})
+    ticks = [f"{g}\n(n={counts[g]})" if g in counts else g for g in groups]
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(groups))], ticks,
+                  rotation=30 if len(groups) > 6 else 0, fontsize=8 if len(groups) > 6 else 10)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy (mean +- std over seeds)")
     ax.set_title(f"{results['eval_data']}: {results['n_questions']} questions, seeds {results['seeds']}")

@@ -9,6 +9,7 @@ resolved run config beside its checkpoints so that a result can always be traced
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -35,7 +36,7 @@ class VisionConfig:
     select_strategy: str = "default"  # "default": drop CLS/prefix tokens; "full": keep them
     aspect: str = "pad"  # image transform: "pad" (LLaVA-1.5 stage 2) or "square"
     image_mean: list[float] | None = None  # None: the tower folder's preprocessor_config.json, else its family's
-    image_std: list[float] | None = None
+    image_std: list[float] | None = None  # give both image_mean and image_std, or neither
     random_init: bool = False  # build from config only (tests, or towers whose weights are not available offline)
     config_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. tiny test towers
 
@@ -44,8 +45,9 @@ class VisionConfig:
 class ConnectorConfig:
     """Connector type (registry key) and its options; see ``vlweave.connectors``."""
 
+    # identity | linear | mlpNx_gelu | dense_sti | dense_sci | dense_dci | tower_concat (docs/dense.md)
     type: str = "mlp2x_gelu"
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # typed per family (connectors/options.py), e.g. {pool: 4}
 
 
 @dataclass
@@ -53,22 +55,22 @@ class LMModuleConfig:
     """An LM-side module a method adds inside or beside the LM (``vlweave.language.modules`` registry key); its tune
     key is ``name`` (default: the type)."""
 
-    type: str = ""
-    name: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    type: str = ""  # registry key in vlweave.language.modules, e.g. "block_adapter"
+    name: str | None = None  # tune key and weight prefix (None: the type); two modules of one type need names
+    options: dict[str, Any] = field(default_factory=dict)  # the module's own options, e.g. {layers: [-1]}
 
 
 @dataclass
 class LanguageConfig:
     """The causal LM, its chat template and sequence budget, and LM-side modules (``modules``)."""
 
-    name: str = "smollm2-135m-instruct"
+    name: str = "smollm2-135m-instruct"  # asset name, hub id or local folder of an HF causal LM
     tokenizer: str | None = None  # None: the LM's own folder
     template: str = "tokenizer"  # "plain" | "vicuna_v1" | "tokenizer" (the tokenizer's own Jinja template)
     system_prompt: str | None = None  # None: the template's default; "": no system message at all
-    max_length: int = 2048
-    random_init: bool = False
-    config_overrides: dict[str, Any] = field(default_factory=dict)
+    max_length: int = 2048  # tokens per training sample (image tokens included); longer samples are cut
+    random_init: bool = False  # build the LM from its config with random weights (tests)
+    config_overrides: dict[str, Any] = field(default_factory=dict)  # set on the LM's config before building
     modules: list[LMModuleConfig] = field(default_factory=list)  # e.g. [{type: block_adapter, options: {layers: [-1]}}]
     # QLoRA: load the LM's linear weights in 4-bit NF4 (bitsandbytes, CUDA only; `pip install vlweave[qlora]`); the
     # LM may then only be trained through LoRA (builder.check_quantization).
@@ -82,7 +84,7 @@ class DataConfig:
     train: str = ""  # path; may start with an asset name, e.g. "easy-vqa:train.json"
     image_folder: str | None = None  # default: the data file's folder
     align: str | None = None  # separate data for the `align` stage (None: use `train`)
-    max_samples: int | None = None
+    max_samples: int | None = None  # use only the first N records of each stage's file (None: all)
     # None: pad each batch to its longest sequence (every padded token is computed: on this fp32 CPU rounding the
     # demo's 21-27-token samples up to 32 made a step 1.17-1.25x slower). Set 8/16 where bf16 autocast runs on a
     # CPU with AMX: there each new sequence length pays a kernel warm-up (../shared/design.md section 7).
@@ -91,9 +93,11 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    """PEFT LoRA for components whose stage policy is ``lora``."""
+
+    r: int = 16  # LoRA rank
+    alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = 0.0  # dropout on the LoRA input
     # Regex over module names: restrict LoRA to the LM (Dinov2 in transformers 5 uses the same q/k/v/o names).
     target_modules: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     # Only the LM's top N decoder layers (None: all). With the connector frozen, backward then stops below them:
@@ -107,7 +111,7 @@ class MixConfig:
     seeded sample; repeated only when the source is smaller).  MoVA mixes its routing instructions into SFT."""
 
     path: str = ""  # LLaVA JSON/JSONL; may start with an asset name
-    ratio: float = 0.1
+    ratio: float = 0.1  # records mixed in per record of the stage's own data
     image_folder: str | None = None  # None: the file's folder
 
 
@@ -115,35 +119,39 @@ class MixConfig:
 class StageConfig:
     """One training stage. ``tune`` maps component -> policy (``frozen | full | lora``)."""
 
-    name: str = "finetune"
+    name: str = "finetune"  # "align" takes data.align when set; any other name takes data.train
+    # component (tune key: vision | vision.<tower> | connector | language | an LM module's name) -> policy
     tune: dict[str, str] = field(default_factory=lambda: {"vision": "frozen", "connector": "full", "language": "lora"})
     template: str | None = None  # None: language.template (LLaVA's align stage uses "plain")
     data: str | None = None  # None: data.train (or data.align for the align stage)
     mix: list[MixConfig] = field(default_factory=list)  # e.g. [{path: routing.json, ratio: 0.1}]
-    epochs: float = 1.0
+    epochs: float = 1.0  # passes over the stage's data (fractions allowed)
     max_steps: int | None = None  # caps epochs when set
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 2e-5
+    batch_size: int = 16  # samples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-5  # AdamW peak learning rate (cosine schedule after warm-up)
     connector_lr: float | None = None  # separate lr for the connector (LLaVA LoRA recipe: mm_projector_lr)
     # Per-component lr overrides by tune key ({connector: 1e-3, block_adapter: 1e-3}; `vision` = every tower);
     # a component_lr entry wins over connector_lr, which wins over lr.
     component_lr: dict[str, float] = field(default_factory=dict)
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_ratio: float = 0.03  # share of the stage's steps with linear warm-up
+    max_grad_norm: float = 1.0  # gradient clipping (0: none)
 
 
 @dataclass
 class TrainConfig:
+    """Stages, LoRA settings, seed, precision and the run folder."""
+
+    # the stages in order; the default is LLaVA's two (align: connector only at 1e-3; finetune: connector + LM LoRA)
     stages: list[StageConfig] = field(
         default_factory=lambda: [
             StageConfig(name="align", tune={"vision": "frozen", "connector": "full", "language": "frozen"}, lr=1e-3),
             StageConfig(name="finetune"),
         ]
     )
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    seed: int = 0
+    lora: LoraConfig = field(default_factory=LoraConfig)  # used by every stage with a `lora` policy
+    seed: int = 0  # model init and data order (a resumed run replays the same batches)
     bf16: bool = True  # autocast where the hardware supports it
     cache_features: bool = True  # frozen-feature cache: a frozen tower runs once per image
     save_every: int = 0  # steps; 0 = only at stage ends
@@ -156,35 +164,42 @@ class TrainConfig:
     find_unused_parameters: bool = False
     keep_checkpoints: int | None = None  # keep the newest N checkpoints (None: all); >= 2 leaves a fallback
     on_nonfinite: str = "stop"  # NaN/inf loss or gradient: "stop" (exit non-zero) or "skip" the batch (counted)
-    log_every: int = 10
-    output_dir: str = "runs/default"
+    log_every: int = 10  # kept for old configs: every step is logged to train_metrics.json
+    output_dir: str = "runs/default"  # the run folder: config.yaml, checkpoints/, final/, metrics
 
 
 @dataclass
 class EvalConfig:
+    """Held-out questions: `vlweave train` evaluates on them at the end, `vlweave eval` of the checkpoint by
+    default, the demo and `compare` always."""
+
+    # "synthetic": the embedded scenes/documents/charts benchmark (compare, demo variants)
     data: str = ""  # question JSONL ({question_id, image, text, answer}); may start with an asset name
-    image_folder: str | None = None
+    image_folder: str | None = None  # folder the questions' image paths are relative to (default: the file's)
     limit: int | None = None  # evaluate N questions: the first N, or a seeded sample of N (subset_seed)
     subset_seed: int | None = 0  # fixed across runs/seeds so every model answers the same questions
-    batch_size: int = 32
-    max_new_tokens: int = 8
+    batch_size: int = 32  # questions per generation batch
+    max_new_tokens: int = 8  # greedy answer length cap
     prompt_suffix: str = ""  # e.g. "\nAnswer the question using a single word or phrase."
     # A routed (MoVA) model: "model" (the LM routes each question: the coarse stage), or fixed for ablations --
     # "all", "none", "random" (seeded by routing_seed) or letters/experts like "A,C"; None: no routing information
     # (the connector's own default, for MoVA every expert on).
     routing: str | None = None
-    routing_seed: int = 0
+    routing_seed: int = 0  # seed of routing "random" (per question id)
 
 
 @dataclass
 class RunConfig:
-    vision: VisionConfig = field(default_factory=VisionConfig)
+    """What to build (vision, towers, connector, language), what to train on (data), how (train), and how to
+    evaluate (eval)."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)  # the base vision tower
     towers: dict[str, VisionConfig] = field(default_factory=dict)  # extra towers by name ("base" is `vision`)
-    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
-    language: LanguageConfig = field(default_factory=LanguageConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)  # vision features -> LM embeddings
+    language: LanguageConfig = field(default_factory=LanguageConfig)  # the causal LM and its template
+    data: DataConfig = field(default_factory=DataConfig)  # training files
+    train: TrainConfig = field(default_factory=TrainConfig)  # stages and run folder
+    eval: EvalConfig = field(default_factory=EvalConfig)  # held-out questions
 
     # ---- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -224,9 +239,27 @@ def _load_yaml_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, A
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     base = data.pop("base", None)
     if base:
-        parent = _load_yaml_with_base((path.parent / base), seen + (path.resolve(),))
+        parent = _load_yaml_with_base(_base_path(path, str(base)), seen + (path.resolve(),))
         data = _deep_merge(parent, data)
     return data
+
+
+def _base_path(path: Path, base: str) -> Path:
+    """``base:`` is a YAML path relative to the file, or a preset name (``base: demo``) when no such file exists."""
+    from vlweave.presets import PRESET_DIR, list_presets
+
+    candidate = path.parent / base
+    if candidate.exists() or Path(base).suffix in (".yaml", ".yml"):
+        return candidate
+    if (PRESET_DIR / f"{base}.yaml").exists():
+        return PRESET_DIR / f"{base}.yaml"
+    raise ConfigError(f"{path}: `base: {base}` is neither a file next to it nor a preset "
+                      f"({', '.join(list_presets())}){_did_you_mean(base, list_presets())}")
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -284,7 +317,12 @@ def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(prefix + k for k in unknown)}; known: {sorted(names)}")
+        suggest = ""
+        for k in unknown:
+            close = difflib.get_close_matches(k, sorted(names), n=1, cutoff=0.6)
+            suggest += f"; `{prefix}{k}`: did you mean `{prefix}{close[0]}`?" if close else ""
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(prefix + k for k in unknown)}{suggest}; "
+                          f"known: {sorted(names)}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, source, prefix + name)

@@ -18,6 +18,7 @@ from vlweave import assets
 from vlweave.config import RunConfig
 from vlweave.data.easyvqa import add_question_types, question_template
 from vlweave.data.questions import read_questions
+from vlweave.eval.analysis import print_details
 from vlweave.eval.runner import load_eval_questions
 from vlweave.eval.vqa import majority_baselines
 from vlweave.export.card import refresh_model_card
@@ -41,14 +42,18 @@ def run_demo(overrides: list[str] | None = None, output_dir: str | None = None, 
     t_assets = time.time() - t0
     questions = load_eval_questions(cfg.eval.data, cfg.eval.image_folder, cfg.eval.limit, cfg.eval.subset_seed)
     add_question_types(questions)
-    run = train_and_evaluate(cfg, questions, run_dir, progress, group_by="type")
     train_q = read_questions(assets.pull("easy-vqa") / "train_qa.jsonl", assets.pull("easy-vqa"), check_images=False)
+    run = train_and_evaluate(cfg, questions, run_dir, progress, group_by="type", train=train_q,
+                             template_fn=question_template)
     baselines = majority_baselines(train_q, questions, question_template, group_fn=lambda q: q.meta["type"])
     result = {
         "accuracy": run.accuracy,
         "n_questions": run.report["n"],
         "by_type": run.report["by_type"],
         "baselines": baselines,
+        "groups": run.report["groups"],  # by type, with counts and both blind baselines (vlweave.eval.analysis)
+        "confusion": run.report["confusion"],
+        "consistency": run.report["consistency"],
         "seconds": {"assets": t_assets, "train": run.train_seconds, "eval": run.eval_seconds,
                     "total": time.time() - t0},
         "run_dir": str(run_dir),
@@ -75,6 +80,7 @@ def print_table(result: dict[str, Any]) -> None:
         b = f" (blind {blind[qtype]:.3f})" if qtype in blind else ""
         table.add_row(f"  {qtype} questions ({r['n']}){b}", f"{r['accuracy']:.3f}")
     Console().print(table)
+    print_details(result, Console())
     s = result["seconds"]
     Console().print(f"time: assets {s['assets']:.0f}s, train {s['train']:.0f}s, eval {s['eval']:.0f}s, "
                     f"total {s['total']:.0f}s; run folder: {result['run_dir']}")

@@ -16,15 +16,21 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from vlweave.data.templates import TemplateMasker
+
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
 _COLOR_RE = re.compile(r"\b(" + "|".join(COLORS) + r")\b")
 _SHAPE_RE = re.compile(r"\b(" + "|".join(SHAPES) + r")\b")
 
 
+# easy-vqa's content words by slot: the one template implementation (data/templates.py) with named slots.
+_TEMPLATES = TemplateMasker({"color": COLORS, "shape": SHAPES})
+
+
 def question_template(text: str) -> str:
     """The question with its colour/shape words replaced by placeholders."""
-    return _SHAPE_RE.sub("{shape}", _COLOR_RE.sub("{color}", text.lower().strip()))
+    return _TEMPLATES(text)
 
 
 def question_type(answer: str) -> str:

@@ -53,10 +53,18 @@ def load_eval_questions(data: str, image_folder: str | None = None, limit: int |
 def evaluate(model, tokenizer, questions: list[Question], *, out_dir: str | Path | None = None,
              batch_size: int = 32, max_new_tokens: int = 8, prompt_suffix: str = "", use_cache: bool = True,
              group_key: str | None = None, progress: bool = True, bf16: bool = False,
-             processor: Any = None, routing: str | None = None, routing_seed: int = 0) -> dict[str, Any]:
-    """``routing``: for a routed connector (MoVA), ``model`` (the LM routes each question first) or a fixed mode
+             processor: Any = None, template: str | None = None, train: list[Question] | None = None,
+             group_by: str | None = None, template_fn: Any = None, group_fn: Any = None,
+             routing: str | None = None, routing_seed: int = 0) -> dict[str, Any]:
+    """Greedy answers, normalised exact match, and the readable report of :func:`vlweave.eval.analysis.analyse`
+    (``groups`` with counts and blind baselines learned from ``train``, ``baselines``, ``confusion``,
+    ``consistency``); ``group_key`` also keeps the older ``by_<key>`` accuracies.  ``template``: a chat template
+    instead of the checkpoint's own.  Saves ``predictions.jsonl`` and ``eval_metrics.json`` in ``out_dir``.
+    ``routing``: for a routed connector (MoVA), ``model`` (the LM routes each question first) or a fixed mode
     (``all``/``none``/``random``/``A,C``); each answer's routing goes to predictions.jsonl and the counts
     (unparseable answers, expert use) to the metrics."""
+    from vlweave.eval.analysis import analyse
+
     store = None
     if use_cache and FeatureCache.usable(model):
         store = FeatureCache(model)
@@ -68,7 +76,8 @@ def evaluate(model, tokenizer, questions: list[Question], *, out_dir: str | Path
     try:
         answers = generate_answers(model, tokenizer, questions, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                    prompt_suffix=prompt_suffix, store=store, progress=progress, bf16=bf16,
-                                   processor=processor, on_batch=partial, routing=routing,
+                                   processor=processor, template=template, on_batch=partial,
+                                   routing=routing,
                                    routing_seed=routing_seed, decisions=decisions)
         done = True
     finally:
@@ -76,6 +85,8 @@ def evaluate(model, tokenizer, questions: list[Question], *, out_dir: str | Path
             partial.close(interrupted=not done)  # removed below, once the complete file is written
     seconds = time.time() - t0
     report = exact_match_report(questions, answers, group_key=group_key)
+    analysis = analyse(questions, answers, train, group_by=group_by, template_fn=template_fn, group_fn=group_fn)
+    report.update({k: v for k, v in analysis.items() if k not in report})
     report.update({"eval_seconds": seconds, "prompt_suffix": prompt_suffix, "max_new_tokens": max_new_tokens,
                    "scorer": "normalised exact match", "decoding": "greedy"})
     if decisions is not None:

@@ -298,7 +298,8 @@ def majority_baselines(train: Sequence[Question], test: Sequence[Question], temp
                        group_fn=None) -> dict[str, Any]:
     """Blind baselines on ``test``: the overall majority answer and the majority answer per question template,
     both learned from ``train``; with ``group_fn`` also the per-template baseline within each group (e.g. question
-    type), which shows whether a model's score on a group is more than the wording alone gives."""
+    type), which shows whether a model's score on a group is more than the wording alone gives, and the overall
+    majority answer's accuracy within each group."""
     overall = Counter(normalize_answer(q.answer) for q in train).most_common(1)[0][0]
     per_t: dict[str, Counter] = defaultdict(Counter)
     for q in train:
@@ -312,7 +313,10 @@ def majority_baselines(train: Sequence[Question], test: Sequence[Question], temp
     }
     if group_fn is not None:
         by_group: dict[str, list[bool]] = defaultdict(list)
+        majority_right: dict[str, list[bool]] = defaultdict(list)
         for q, ok in zip(test, blind_right):
             by_group[group_fn(q)].append(ok)
+            majority_right[group_fn(q)].append(normalize_answer(q.answer) == overall)
         out["majority_per_template_by_group"] = {g: sum(v) / len(v) for g, v in by_group.items()}
+        out["majority_by_group"] = {g: sum(v) / len(v) for g, v in majority_right.items()}
     return out

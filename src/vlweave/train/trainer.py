@@ -71,6 +71,13 @@ from vlweave.train.policy import (
 from vlweave.vision.cache import FeatureCache
 from vlweave.vision.towers import BASE_TOWER
 
+# A stage's steps are flagged slow when the median of the last SLOW_WINDOW steps takes SLOW_FACTOR times the median
+# of its first ones (steps 2..SLOW_WINDOW+1; step 1 pays warm-ups): on a shared CPU that is usually another process
+# competing for the cores, and every timing of the run is then suspect.
+SLOW_FACTOR = 2.0
+SLOW_WINDOW = 5
+RUN_CONFIG_NAME = "run_config.yaml"  # the resolved run config, saved inside final/ (what `vlweave eval` reads)
+
 
 def encode_samples(samples: list[Sample], processor: VlweaveProcessor, template: str, system_prompt: str | None,
                    max_length: int, progress: bool = True,
@@ -175,6 +182,9 @@ class Trainer:
         # store exactly these tensors (``trained_names``).
         self.trained: dict[str, set[str]] = {}
         self._legacy_trained: set[str] = set()  # tensor names from a checkpoint saved before components
+        self.stage_times: list[dict[str, Any]] = []  # seconds per stage and part (this process's stages)
+        self.warnings: list[str] = []
+        self._slow_stages: set[int] = set()
         if self.is_main:
             cfg.save(self.run_dir / "config.yaml")
 
@@ -397,6 +407,7 @@ class Trainer:
             if index < start_stage:
                 apply_tune_policy(self.model, stage, cfg.train.lora)  # same structure (LoRA) as the original run
                 continue
+            t_stage = time.time()
             apply_tune_policy(self.model, stage, cfg.train.lora)
             self._mark_trained(stage)
             if point is not None and index == start_stage:
@@ -405,6 +416,7 @@ class Trainer:
             total, mbs = plan_batches(len(samples), stage, cfg.train.seed, index, world)
             first = step_start(ckpt, index, start_stage, start_step, stage, world)
             examples = self.encode_used(stage, samples, {i for mb in mbs[first:] for i in mb})
+            t_data = time.time()
             if self.store is not None:
                 # Only the images this stage will actually see, for a routed tower only those routed to it; built
                 # once, by rank 0.
@@ -413,6 +425,7 @@ class Trainer:
                                                  [e["image"] for e in examples.values() if e["image"]],
                                                  self.progress,
                                                  paths_by_tower=self.routed_paths(list(examples.values())))
+            t_features = time.time()
             optimizer = self._optimizer(stage)
             scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(stage.warmup_ratio * total), total)
             step = 0
@@ -432,6 +445,8 @@ class Trainer:
                                                          scheduler)
             if resuming and is_sharded(acc):
                 acc.load_state(str(ckpt / "engine"))
+            t_steps = time.time()
+            steps_before = step
             if step < total:
                 try:
                     self._run_stage(index, stage, loader, total, step, optimizer, scheduler)
@@ -440,8 +455,13 @@ class Trainer:
                         self._write_metrics({"train_seconds": time.time() - t0, "steps": len(self.metrics),
                                              "stopped": str(exc)})
                     raise
+            t_save = time.time()
             last = self.save_state(index, total, optimizer, scheduler)
             self._unprepare()
+            self.stage_times.append({"stage": stage.name, "stage_index": index, "steps": total - steps_before,
+                                     "data_seconds": t_data - t_stage, "feature_seconds": t_features - t_data,
+                                     "step_seconds": t_save - t_steps, "save_seconds": time.time() - t_save,
+                                     "seconds": time.time() - t_stage})
             if is_sharded(acc) and index + 1 < len(cfg.train.stages):
                 # FSDP/DeepSpeed wrap the model in place: a second stage (other trained parameters) cannot be
                 # prepared in the same process.  The stage-end checkpoint is there; --resume runs the next stage.
@@ -450,15 +470,20 @@ class Trainer:
                     print(f"stage {index} done under {acc.distributed_type.value}; run again with --resume "
                           f"{self.run_dir} for stage {index + 1} (one stage per launch with sharded engines)")
                 break
-        summary = {"train_seconds": time.time() - t0, "steps": len(self.metrics),
-                   "nonfinite_skipped": len(self.guard.skipped), "processes": world}
+        summary: dict[str, Any] = {"train_seconds": time.time() - t0, "steps": len(self.metrics),
+                                   "nonfinite_skipped": len(self.guard.skipped), "processes": world}
         if self.is_main:
             self.data_warnings.announce()
+            t_export = time.time()
             if not stopped_early:
                 # A sharded engine leaves shards (FSDP) or placeholders (ZeRO-3) in the model: export rebuilds a
                 # plain one from the checkpoint that just gathered every trained tensor.
                 self.export_from_checkpoint(last) if is_sharded(acc) else self.export()
             self.plot_loss()
+            summary["export_seconds"] = time.time() - t_export
+            summary["stages"] = self.stage_times
+            summary["feature_cache"] = None if self.store is None else self.store.hit_rate()
+            summary["warnings"] = self.warnings
             self._write_metrics(summary)
         acc.wait_for_everyone()
         return summary
@@ -606,6 +631,7 @@ class Trainer:
             if stage.max_grad_norm and ok and grad_norm is not None:
                 rec["grad_norm"] = float(grad_norm)
             self.metrics.append(rec)
+            self._check_speed(stage, index)
             bar.set_postfix(loss=f"{rec['loss']:.3f}" if ok else "skipped")
             bar.update(1)
             if save_every and step % save_every == 0 and step < total:
@@ -614,6 +640,23 @@ class Trainer:
         if next(batches, None) is not None:
             raise RuntimeError(f"stage {index}: the planned loader has micro-batches left after step {total}")
         bar.close()
+
+    def _check_speed(self, stage: StageConfig, index: int) -> None:
+        """Warn once per stage when its recent steps run :data:`SLOW_FACTOR` times slower than its first ones."""
+        if index in self._slow_stages or self.metrics[-1]["step"] % SLOW_WINDOW:
+            return
+        times = [m["seconds"] for m in self.metrics if m["stage_index"] == index]
+        if len(times) < 3 * SLOW_WINDOW + 1:
+            return
+        reference = float(np.median(times[1 : 1 + SLOW_WINDOW]))
+        recent = float(np.median(times[-SLOW_WINDOW:]))
+        if reference > 0 and recent > SLOW_FACTOR * reference:
+            msg = (f"stage {index} ({stage.name}): steps now take {recent:.2f}s, {recent / reference:.1f}x the "
+                   f"{reference:.2f}s of its first steps (step {len(times)}); another process may be competing "
+                   f"for the CPU cores, so this run's timings are not comparable")
+            self.warnings.append(msg)
+            self._slow_stages.add(index)
+            tqdm.write(f"warning: {msg}")
 
     # ---- outputs --------------------------------------------------------------------------------------
     def export_from_checkpoint(self, ckpt: str | Path) -> Path:
@@ -639,9 +682,14 @@ class Trainer:
         if left:  # nothing on load would rebuild these adapters: refuse rather than drop them silently
             raise RuntimeError(f"export: LoRA parameters outside every component survived the merge: {left[:5]}")
         self.model.requires_grad_(False)
-        return ckpts.publish_folder(
-            self.run_dir / "final", lambda tmp: save_checkpoint(self.model, self.tokenizer, tmp, processor=self.processor),
-            "final model", kept=ckpts.describe_kept(self.run_dir))
+        def write(tmp: Path) -> None:
+            save_checkpoint(self.model, self.tokenizer, tmp, processor=self.processor)
+            # The run config travels with the checkpoint: `vlweave eval` takes its eval settings (data, image
+            # folder, max new tokens, prompt suffix) and its training data (the blind baselines) from here.
+            self.cfg.save(tmp / RUN_CONFIG_NAME)
+
+        return ckpts.publish_folder(self.run_dir / "final", write, "final model",
+                                    kept=ckpts.describe_kept(self.run_dir))
 
     def plot_loss(self) -> Path | None:
         if not self.metrics:

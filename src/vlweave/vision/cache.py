@@ -99,6 +99,10 @@ class FeatureStore:
         self._feats: dict[str, list[torch.Tensor]] = {}  # image path -> the tensors of its current content
         self._path_digest: dict[str, str] = {}  # image path -> the digest its ``_feats`` entry was made from
         self._new: set[str] = set()  # digests computed here and not yet saved
+        # Images asked for through ``ensure`` that were already there (memory or the on-disk cache) / that ran
+        # the tower: the run's feature-cache hit rate (train_metrics.json).
+        self.hits = 0
+        self.misses = 0
         if self.path is not None and self.path.exists():
             self._by_digest.update(self._read(self.path))
 
@@ -157,10 +161,14 @@ class FeatureStore:
     def ensure(self, paths: Sequence[str], progress: bool = True, desc: str = "caching tower features") -> None:
         """Run the tower on every image whose current content is not cached yet (batched, with a progress bar)."""
         todo: dict[str, list[str]] = {}  # digest -> paths with that content
-        for p in sorted({p for p in paths if p is not None}):
+        wanted = sorted({p for p in paths if p is not None})
+        for p in wanted:
             digest, ok = self._current(p)
             if not ok:
                 todo.setdefault(digest, []).append(p)
+        n_missing = sum(len(v) for v in todo.values())
+        self.hits += len(wanted) - n_missing
+        self.misses += n_missing
         if not todo:
             return
         self.model.eval()
@@ -275,6 +283,12 @@ class FeatureCache:
 
     def __contains__(self, path: str) -> bool:
         return all(path in store for store in self.stores.values())
+
+    def hit_rate(self) -> dict[str, dict[str, float]]:
+        """Per tower: images found cached / computed by ``ensure`` so far, and the hit rate."""
+        return {name: {"hits": s.hits, "misses": s.misses,
+                       "hit_rate": s.hits / (s.hits + s.misses) if s.hits + s.misses else 0.0}
+                for name, s in self.stores.items()}
 
     def batch(self, paths: Sequence[str], rows: "dict[str, Any] | None" = None) -> dict[str, list[torch.Tensor]]:
         """Per tower: stacked prepared features [B, N, C] for ``paths`` (all must be cached).  A tower with
