@@ -6,6 +6,7 @@ frozen-feature cache (stale images, concurrent writers, damaged cache file).  Ti
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
@@ -79,6 +80,7 @@ def test_skip_policy_drops_the_bad_batch_and_counts_it(tmp_path, capsys, monkeyp
     original = VlweaveForConditionalGeneration.forward
     calls = {"n": 0}
 
+    @functools.wraps(original)  # keeps forward's signature: generate (the eval at the end) validates kwargs by it
     def forward(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
         if self.training:
