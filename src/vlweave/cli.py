@@ -156,7 +156,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vlweave.eval.runner import evaluate, load_eval_questions
     from vlweave.runs import training_questions
 
-    if args.batch_size is not None and args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:  # None: the checkpoint's eval.batch_size
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")

@@ -54,15 +54,21 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 def tower_cache_key(model, tower: str = BASE_TOWER) -> str:
     """Identity of what a store holds for ``tower``: config, facts, weights, transform, layers, prepare step."""
     spec = model.tower_specs[tower]
+    # The config's ``dtype`` is a loading hint (None for a model built from a config, "float32" once saved and
+    # loaded), not what runs: keying on it gave a reloaded checkpoint another store than the run that trained it.
+    # The dtype the tower's weights actually have is keyed instead.
+    config = {k: v for k, v in spec.config.to_dict().items() if k not in ("dtype", "torch_dtype")}
+    weights = model.vision_towers[tower]
     desc = {
         "tower": tower,
-        "config": spec.config.to_dict(),
+        "config": config,
+        "dtype": str(next(weights.parameters()).dtype),
         "facts": spec.facts.to_dict(),
         "layers": model.connector.tower_layers()[tower],
         "prepare": model.connector.prepare_signature(tower),
         "strategy": spec.select_strategy,
         "transform": spec.transform_desc(),
-        "weights": weights_fingerprint(model.vision_towers[tower]),
+        "weights": weights_fingerprint(weights),
         "format": CACHE_FORMAT,
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -173,11 +179,14 @@ class FeatureStore:
             return
         self.model.eval()
         digests = list(todo)
+        # float32 whatever autocast the caller runs under: a store's entries must not depend on who filled it
+        # first (the trainer fills it outside autocast; evaluation may call ensure inside its bf16 region).
         bar = tqdm(total=len(digests), desc=desc, disable=not progress, unit="img")
         for start in range(0, len(digests), self.batch_size):
             chunk = digests[start : start + self.batch_size]
             pixels = torch.stack([self.transform(load_image(todo[d][0])) for d in chunk])
-            feats = self.model.prepare_tower_features(self.tower, pixels)
+            with torch.autocast(next(self.model.parameters()).device.type, enabled=False):
+                feats = self.model.prepare_tower_features(self.tower, pixels)
             for i, d in enumerate(chunk):
                 # the cache lives in host RAM
                 self._by_digest[d] = [f[i].to(device="cpu", dtype=self.dtype).clone() for f in feats]
@@ -271,8 +280,16 @@ class FeatureCache:
 
     @staticmethod
     def usable(model) -> bool:
-        """Caching is exact only for frozen towers."""
-        return not any(p.requires_grad for n in model.needed_towers() for p in model.vision_towers[n].parameters())
+        """Whether evaluation may read ``model``'s tower features from the cache: whenever it has a tower to run.
+
+        Evaluation never changes weights, and a store's key holds a fingerprint of the tower's weights, so cached
+        features are the ones the tower computes now -- whether or not its parameters ``requires_grad``.  (This
+        used to test ``requires_grad``, which is False for a trained model's frozen towers but True for the same
+        weights loaded from disk: ``vlweave eval`` then ran the tower from pixels inside the bf16 autocast while
+        the end-of-training evaluation read fp32 features from the cache, and near-tie answers differed.)  The
+        cache always computes features in float32 outside autocast (:meth:`FeatureStore.ensure`), as training
+        with ``train.cache_features`` saw them."""
+        return bool(model.needed_towers())
 
     def ensure(self, paths: Sequence[str], progress: bool = True,
                paths_by_tower: "dict[str, Sequence[str]] | None" = None) -> None:
