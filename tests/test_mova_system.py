@@ -306,3 +306,77 @@ def test_mova_presets_build_on_meta_and_their_connector_runs(name):
             assert conn.grid == 8 and conn.text_proj is None  # MiniLM is 384 wide, as DINOv2-S
             ctx.routing_pass = True
             assert tuple(conn(prepared, ctx).tokens.shape) == (2, conn.num_routing_tokens, d_text) == (2, 4, d_text)
+
+
+# ---- HyperLLaVA's visual expert on the MoV-Adapter (hyper_mova) ------------------------------------------------
+
+
+def test_hyper_mova_starts_as_the_plain_adapter_and_trains_its_expert(system, tmp_path):
+    """``hyper_mova`` finds the adapter's final MLP (``mlp``) through ``Connector.projector_head``: with the
+    plain model's weights its logits equal the plain model's exactly (a zero-initialised expert), one training
+    step moves the expert, the routing pool is the adapter's, and the checkpoint reloads with identical logits."""
+    from vlweave.train.trainer import Trainer
+
+    bert, qs = system["bert"], _questions(system["cfg"])
+    with isolated_env(tmp_path / "cache"):
+        plain_cfg = mova_cfg(tmp_path, bert, out="plain", cache=False)
+        del plain_cfg.connector.options["zero_init"]  # the key would go to the expert under hyper_mova
+        torch.manual_seed(0)
+        plain, tok = build_model(plain_cfg)
+        hyper_cfg = copy.deepcopy(plain_cfg)
+        hyper_cfg.connector.type = "hyper_mova"
+        hyper_cfg.connector.options.update({"bottleneck": 4, "embed_dim": 8})
+        hyper_cfg.train.output_dir = str(tmp_path / "hyper")
+        hyper_cfg.train.stages = [StageConfig(name="s", tune={"vision": "frozen", "connector": "full",
+                                                             "language": "frozen"},
+                                              max_steps=1, batch_size=4, lr=1e-2, warmup_ratio=0.0)]
+        trainer = Trainer(hyper_cfg, progress=False)
+        hyper = trainer.model
+        assert hyper.connector.inner.projector_head() is hyper.connector.inner.mlp
+        assert RoutingPool.from_connector(hyper.connector).letters == ("A", "C")
+        state = {k.replace("connector.", "connector.inner.", 1) if k.startswith("connector.") else k: v
+                 for k, v in plain.state_dict().items()}
+        missing, unexpected = hyper.load_state_dict(state, strict=False)
+        assert not unexpected and missing and all(k.startswith("connector.expert.") for k in missing)
+        processor = VlweaveProcessor.from_model(plain, tok)
+        routing = [None, [1, 0], [0, 0], [0, 1], [1, 1]]
+        with torch.no_grad():
+            a = plain.eval()(**_batch(processor, qs, routing)).logits
+            b = hyper.eval()(**_batch(processor, qs, routing)).logits
+        assert torch.equal(a, b)
+        expert0 = {k: v.clone() for k, v in hyper.connector.expert.state_dict().items()}
+        trainer.train()
+        moved = [k for k, v in hyper.connector.expert.state_dict().items() if not torch.equal(v, expert0[k])]
+        assert moved and all(torch.isfinite(torch.tensor(losses(trainer.metrics))))
+        with torch.no_grad():
+            c = hyper.eval()(**_batch(processor, qs, routing)).logits
+            again, tok2 = load_checkpoint(trainer.run_dir / "final")
+            d = again.eval()(**_batch(load_processor(trainer.run_dir / "final", tok2), qs, routing)).logits
+        assert not torch.equal(a, c) and torch.equal(c, d)
+
+
+def test_plain_fusion_pool_gives_the_adapters_token_count(tmp_path):
+    """``tower_concat`` option ``pool``: the concatenated aligned grid average-pooled before the projector (the
+    plain-fusion arm gets MoVA's token count); a pool that does not divide the grid is refused by name."""
+    import torch.nn.functional as F
+
+    from vlweave.connectors import OptionsError, build_connector
+    from vlweave.processing import tower_pixels
+
+    with isolated_env(tmp_path / "cache"):
+        cfg = make_run(tmp_path, vision="dinov2", connector="tower_concat", options={"resize": "bilinear", "pool": 2})
+        cfg.towers = copy.deepcopy(TOWERS)
+        model, _ = build_model(cfg)
+        conn = model.connector.eval()
+        assert model.num_image_tokens == conn.num_tokens() == 4  # 4x4 base grid -> 2x2
+        images = sorted(str(p) for p in (Path(cfg.data.train).parent / "images").glob("*.png"))[:2]
+        with torch.no_grad():
+            feats = model.tower_features(tower_pixels(model, images), None, None)
+            tokens = conn(feats).tokens
+            x = torch.cat([feats[n][0] for n in conn.towers], dim=-1)  # [2, 16, C]
+            img = x.transpose(1, 2).reshape(2, x.shape[-1], 4, 4)
+            want = conn.projector(F.avg_pool2d(img, 2).flatten(2).transpose(1, 2))
+        torch.testing.assert_close(tokens, want, atol=1e-6, rtol=0)
+        with pytest.raises(OptionsError, match="'pool' = 3 must divide"):
+            build_connector("tower_concat", type(model.connector_spec())(**{
+                **model.connector_spec().__dict__, "options": {"pool": 3}}))

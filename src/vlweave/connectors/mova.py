@@ -695,6 +695,10 @@ class MoVAConnector(Connector):
         """Components a tune policy can set apart from the connector: ``connector.text_encoder``."""
         return {"text_encoder": self.text_encoder}
 
+    def projector_head(self) -> nn.Sequential:
+        """The final MLP to the LM (``mlp``, the released name): where ``hyper_mova`` puts its visual expert."""
+        return self.mlp
+
 
 # A tiny randomly initialised BERT for the contract suite (no folder, reads the LM tokenizer's ids).
 _TINY_BERT = {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
