@@ -254,6 +254,38 @@ def test_routing_pass_with_the_cached_base_equals_without(system):
     assert runs["pixels"][1][0] is None and all(d["mode"] == "model" for d in runs["pixels"][1][1:])
 
 
+def test_routed_answers_through_the_real_adapter_do_not_depend_on_batching_or_cache(system, monkeypatch):
+    """The tiny LM's routing answers carry no letters, so here the routing pass answers from the image (a stand-in
+    for a trained router, so that a decision paired with the wrong row would show) and the answer pass runs the
+    experts on the routed rows of each batch: the same answers batched, one by one and from the cache."""
+    trainer, cfg = system["trainer"], system["cfg"]
+    model, tok = trainer.model.eval(), trainer.tokenizer
+    real = model.generate
+    choices = ["A", "C", "A, C", "none"]
+
+    def generate(input_ids, *args, context=None, vision_features=None, **kw):
+        if context is None or not context.routing_pass:
+            return real(input_ids, *args, context=context, vision_features=vision_features, **kw)
+        base = vision_features["base"][0]
+        rows = [tok(choices[int(abs(float(base[r].sum())) * 100) % len(choices)], add_special_tokens=False)
+                ["input_ids"] for r in range(base.shape[0])]
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [tok.eos_token_id] * (width - len(r)) for r in rows])
+
+    monkeypatch.setattr(model, "generate", generate)
+    with isolated_env(system["tmp"] / "cache"):
+        qs = _questions(cfg, n=7)
+        runs = {}
+        for name, bs, cached in (("batched", 7, False), ("single", 1, False), ("cached", 4, True)):
+            decisions: list = []
+            answers = generate_answers(model, tok, qs, batch_size=bs, max_new_tokens=4, progress=False,
+                                       store=FeatureCache(model) if cached else None, routing="model",
+                                       decisions=decisions)
+            runs[name] = (answers, [None if d is None else tuple(d.bits) for d in decisions])
+    assert runs["batched"] == runs["single"] == runs["cached"]
+    assert len(set(runs["batched"][1][1:])) >= 2, runs["batched"][1]  # the images were routed differently
+
+
 # ---- the presets ---------------------------------------------------------------------------------------------
 
 
