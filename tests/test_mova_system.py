@@ -98,6 +98,10 @@ def test_two_stages_train_the_adapter_text_encoder_and_base_never_the_experts(sy
     routed = json.loads((system["rd"] / "routed.json").read_text())
     assert sum("routing" in r for r in routed) == 16  # every image record got bits from the losses
     assert len(json.loads((system["rd"] / "routing_instructions.json").read_text())) == 16
+    # routed.json loads from its own folder (the routed preset names no image folder): its image paths resolve.
+    from vlweave.data.llava_json import load_llava_data
+
+    assert len(load_llava_data(system["rd"] / "routed.json", routing_experts=list(EXPERTS))) == 16
     curve = losses(trainer.metrics)
     assert len(curve) == 7 and all(torch.isfinite(torch.tensor(curve)))
     after = trainer.model.state_dict()
