@@ -14,9 +14,7 @@ coarse stage is cheap next to answering.  Measured here, in one process, interle
   routed for every image, with half the images routed to one expert, and with no expert routed -- the saving of
   running experts on routed rows only (``Connector.tower_rows``).
 
-The connector is ``mova`` when it is registered; until then the stand-in is the test-only routed ``tower_concat``
-(``tests/routed_helpers.py``: same towers, same routing interface), which leaves the tower and LM costs -- what this
-bench compares -- as they are.  Untrained weights: the routing answer's *content* is meaningless here, its cost is
+The connector is the real ``mova`` (MoV-Adapter) of the preset.  Untrained weights: the routing answer's *content* is meaningless here, its cost is
 not (forced to 16 tokens, it is the upper bound).
 
     .venv/bin/python bench/bench_mova_routing.py                    # batch 4, 3 timed repetitions
@@ -41,21 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def build(seed: int = 0):
     from vlweave.builder import build_model
     from vlweave.config import RunConfig
-    from vlweave.connectors.base import known_connectors
     from vlweave.presets import preset_path
 
-    if any(k == "mova" for k in known_connectors()):
-        cfg = RunConfig.load(preset_path("mova-synthetic"), [f"train.seed={seed}"])
-        model, tok = build_model(cfg)
-        return model, tok, "mova"
-    sys.path.insert(0, str(ROOT / "tests"))
-    from routed_helpers import swap_connector  # noqa: E402  (the stand-in; see the module docstring)
-
-    cfg = RunConfig.load(preset_path("mova-synthetic-concat"), [f"train.seed={seed}"])
+    cfg = RunConfig.load(preset_path("mova-synthetic"), [f"train.seed={seed}"])
     model, tok = build_model(cfg)
-    swap_connector(model, experts=("docs", "scenes"), resize="bilinear", routing_instruction=None,
-                   num_routing_tokens=16)
-    return model, tok, "routed tower_concat (stand-in)"
+    return model, tok, "mova (MoV-Adapter: 3 blocks, 2 experts, top-k 2, MiniLM gate encoder)"
 
 
 def timed(fn, reps: int) -> tuple[float, object]:
@@ -121,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                               texts=[[q] for q in questions], pixel_values=False)
 
     def answer():
-        ctx = VlweaveContext.for_batch([True] * b, texts=[[q] for q in questions], routing=[[1, 1]] * b)
+        ctx = batch["context"]  # the questions' gate-text ids for the adapter's encoder, from the processor
+        ctx.routing = [[1, 1]] * b
         with torch.no_grad():
             return model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
                                   vision_features={"base": base}, pixel_values={k: v for k, v in pixels.items()

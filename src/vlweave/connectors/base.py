@@ -182,6 +182,15 @@ class Connector(nn.Module):
         ``connector.<name>`` (it follows ``connector`` unless named)."""
         return {}
 
+    def projector_head(self) -> nn.Sequential | None:
+        """The LLaVA projector that maps this connector's tokens to the LM width (``Linear, GELU, Linear, ...``),
+        or None.  HyperLLaVA's visual expert (``hyper_<inner>``) is installed on it.  Default: the one
+        ``nn.Sequential`` named ``projector`` (at the root or on a child; None if there is none or several); a
+        connector whose head has another name overrides this (MoVA's ``mlp``, the released parameter name)."""
+        found = [m for name, m in self.named_modules()
+                 if (name == "projector" or name.endswith(".projector")) and isinstance(m, nn.Sequential)]
+        return found[0] if len(found) == 1 else None
+
     def feature_layers(self) -> list[int]:
         """Absolute indices of the base tower's hidden states this connector consumes."""
         from vlweave.vision.towers import normalize_layers

@@ -40,6 +40,7 @@ from vlweave.connectors.base import (
     ConnectorOutput,
     ConnectorSpec,
     ContractExample,
+    TextInput,
     build_connector,
     register,
 )
@@ -61,7 +62,11 @@ HYPER_OPTIONS = option_names(HyperVisualOptions)
 
 
 def find_projector(inner: nn.Module, label: str) -> nn.Sequential:
-    """The one LLaVA projector (``nn.Sequential`` starting with a Linear, named ``projector``) inside ``inner``."""
+    """The inner connector's LLaVA projector: its :meth:`Connector.projector_head` (by default the one
+    ``nn.Sequential`` named ``projector``; MoVA's ``mlp``); a clear error when it has none."""
+    head = inner.projector_head() if isinstance(inner, Connector) else None
+    if head is not None:
+        return head
     found = [(name, m) for name, m in inner.named_modules()
              if (name == "projector" or name.endswith(".projector")) and isinstance(m, nn.Sequential)]
     if len(found) != 1:
@@ -94,7 +99,6 @@ class HyperVisualConnector(Connector):
             if "unknown option" in msg:
                 msg += f"; the visual expert's own options: {sorted(HYPER_OPTIONS)}"
             raise OptionsError(f"{label}: {msg}", key=err.key) from None
-        self.text_encoder = self.inner.text_encoder
         projector = find_projector(self.inner, label)
         linears = [m for m in projector if isinstance(m, nn.Linear)]
         if not isinstance(projector[0], nn.Linear) or len(linears) < 2:
@@ -118,6 +122,27 @@ class HyperVisualConnector(Connector):
         last.register_forward_hook(self._after_last)
 
     # ---- delegated facts and parameter-free part -------------------------------------------------------
+    # Everything the model, processor, trainer and routing stage ask a connector is the inner connector's: its
+    # gate text (MoVA's encoder and tokenizer), pretrained parts, resolved options, sub-components, the rows each
+    # tower runs on (MoVA's routing) and the routing-pass token count (RoutingPool reads ``inner``'s options).
+    def text_input(self) -> TextInput | None:
+        return self.inner.text_input()
+
+    def load_pretrained(self) -> None:
+        self.inner.load_pretrained()
+
+    def resolved_options(self) -> dict[str, Any]:
+        return self.inner.resolved_options()
+
+    def sub_components(self) -> dict[str, nn.Module]:
+        return self.inner.sub_components()
+
+    def tower_rows(self, tower: str, context: Any) -> torch.Tensor | None:
+        return self.inner.tower_rows(tower, context)
+
+    def projector_head(self) -> nn.Sequential | None:
+        return self.inner.projector_head()
+
     def feature_layers(self) -> list[int]:
         return self.inner.feature_layers()
 

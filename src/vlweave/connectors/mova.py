@@ -104,6 +104,9 @@ class MoVAOptions:
     text_blank_ids: tuple[int, ...] | None = None
     text_max_length: int = field(default=512, metadata={"min": 2})
     num_routing_tokens: int = field(default=144, metadata={"min": 1})  # visual tokens of the routing pass
+    # Another wording of the routing prompt's instruction (None: vlweave's default, language/routing.py); read by
+    # the routing stage through ``RoutingPool.from_connector``.
+    routing_instruction: str | None = None
     # Dense Connector before the adapter: the base tower's hidden states fused by ``build_fusion`` (``sci``/``dci``
     # integrate layers on channels, so the adapter's base width becomes the fused width).
     base_fusion: Literal["layers", "sci", "dci"] = "layers"
@@ -494,8 +497,8 @@ class MoVAConnector(Connector):
 
     def load_pretrained(self) -> None:
         """The text encoder's pretrained weights from its folder (a fresh build; a reload takes the checkpoint's)."""
-        if self.options.text_encoder is None:
-            return
+        if self.options.text_encoder is None or self.pos_embed.is_meta:
+            return  # nothing to load into (a config-only encoder, or a model built on the meta device for shapes)
         from transformers import AutoModel
 
         folder = _resolve(self.options.text_encoder)
@@ -691,6 +694,10 @@ class MoVAConnector(Connector):
     def sub_components(self) -> dict[str, nn.Module]:
         """Components a tune policy can set apart from the connector: ``connector.text_encoder``."""
         return {"text_encoder": self.text_encoder}
+
+    def projector_head(self) -> nn.Sequential:
+        """The final MLP to the LM (``mlp``, the released name): where ``hyper_mova`` puts its visual expert."""
+        return self.mlp
 
 
 # A tiny randomly initialised BERT for the contract suite (no folder, reads the LM tokenizer's ids).

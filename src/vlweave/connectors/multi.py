@@ -9,14 +9,14 @@ grid's patch count (prefix tokens are dropped).
 Options (:class:`TowerConcatOptions`): ``towers`` (names, default every tower of the model), ``resize``
 (``area``: adaptive average pooling, exact for integer ratios and the natural reading of "align to a coarser
 grid"; ``bilinear``: interpolation, align_corners False), ``projector`` (``linear`` or ``mlpNx_gelu``, default
-``mlp2x_gelu``).
+``mlp2x_gelu``), ``pool`` (average pooling of the concatenated grid by this kernel before the projector; default 1).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -30,14 +30,19 @@ from vlweave.connectors.base import (
     ConnectorOutput,
     ConnectorSpec,
     TowerInput,
+    pool_grid,
     register,
 )
+from vlweave.connectors.options import OptionsError
 
 @dataclass(frozen=True)
 class TowerConcatOptions:
     towers: tuple[str, ...] | None = None  # None: every tower of the model
     resize: Literal["area", "bilinear"] = "area"
     projector: str = "mlp2x_gelu"  # linear | mlpNx_gelu
+    # 2-D average pooling of the concatenated base grid by this kernel before the projector (1: none), so that a
+    # plain-fusion arm can give the LM as many visual tokens as the arm it is compared with (MoVA halves the grid).
+    pool: int = field(default=1, metadata={"min": 1})
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"linear|mlp[1-9]\d*x_gelu", self.projector):
@@ -69,9 +74,13 @@ class TowerConcatConnector(Connector):
             raise ValueError(f"tower_concat: towers {names} must include {BASE_TOWER!r} and exist in the model "
                              f"(unknown: {missing}; the model has {list(spec.towers)})")
         self.towers = [n for n in spec.towers if n in names]  # config order, base first
+        self.pool = self.options.pool
         self.layers = {n: _final_layer(spec.towers[n]) for n in self.towers}
         base = spec.towers[BASE_TOWER].facts
         _, self.grid_h, self.grid_w = base.layer_shape(self.layers[BASE_TOWER])
+        if self.pool > 1 and (self.grid_h != self.grid_w or self.grid_h % self.pool):
+            raise OptionsError(f"tower_concat: option 'pool' = {self.pool} must divide the square base grid "
+                               f"({self.grid_h} x {self.grid_w})", key="pool")
         in_dim = sum(spec.towers[n].facts.layer_shape(self.layers[n])[0] for n in self.towers)
         depth = 1 if self.options.projector == "linear" else int(self.options.projector[3:-6])
         layers: list[nn.Module] = [nn.Linear(in_dim, spec.text_hidden_size)]
@@ -90,7 +99,7 @@ class TowerConcatConnector(Connector):
         return {"grid": [self.grid_h, self.grid_w], "resize": self.options.resize}
 
     def num_tokens(self, grid: int | None = None) -> int:
-        return self.grid_h * self.grid_w
+        return (self.grid_h // self.pool) * (self.grid_w // self.pool)
 
     # ---- parameter-free part (cached per tower) ----------------------------------------------------------
     def prepare_tower(self, tower: str, features: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -117,6 +126,7 @@ class TowerConcatConnector(Connector):
         if missing:
             raise ValueError(f"tower_concat: no features for tower(s) {missing}")
         x = torch.cat([prepared[n][0] for n in self.towers], dim=-1)
+        x = pool_grid(x, self.grid_h, self.pool)
         return ConnectorOutput(tokens=self.projector(x))
 
 

@@ -80,6 +80,9 @@ class RoutingPool:
         """The pool of a routed connector (its options' ``experts``, ``letters``, ``descriptions``,
         ``num_routing_tokens``); a clear error for a connector that does not route."""
         opts = getattr(connector, "options", None)
+        inner = getattr(connector, "inner", None)  # a wrapping connector (hyper_mova) routes as its inner one
+        if getattr(opts, "experts", None) is None and inner is not None and getattr(inner, "options", None):
+            connector, opts = inner, inner.options
         missing = [k for k in ("experts", "descriptions", "num_routing_tokens") if getattr(opts, k, None) is None]
         if missing:
             raise RoutingError(f"connector {type(connector).__name__} does not route between experts (its options "

@@ -167,6 +167,10 @@ def build_routing_data(model: Any, processor: VlweaveProcessor, data: str | Path
         if s.image:
             bits = useful_experts(done[s.id], pool.experts, max_experts)
             record["routing"] = bits
+            if isinstance(record.get("image"), str):
+                # The resolved path, as the instructions carry: routed.json is read from its own folder (the
+                # routed preset has no image_folder), where a path relative to the source data would not exist.
+                record["image"] = str(s.image)
             for e, b in zip(pool.experts, bits):
                 useful[e] += b
             n_none += int(not any(bits))
