@@ -18,6 +18,7 @@ from vlweave import __version__
 from vlweave.eval.benchmarks.inputs import BenchmarkInputs
 from vlweave.eval.benchmarks.registry import get_benchmark, parse_benchmark, score_benchmark
 from vlweave.eval.vqa import PartialPredictions, generate_answers
+from vlweave.language.routing import routing_report
 from vlweave.processor import VlweaveProcessor
 from vlweave.safe_io import atomic_write_text
 
@@ -45,16 +46,6 @@ def write_predictions(path: str | Path, inputs: BenchmarkInputs, answers: list[s
             row["routing"] = None if decisions[position] is None else decisions[position].to_json()
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     atomic_write_text(path, "".join(lines), "predictions")
-
-
-def _routing_stats(mode: str, seed: int, decisions: list[Any]) -> dict[str, Any]:
-    from vlweave.language.routing import RoutingStats
-
-    stats = RoutingStats(mode=mode)
-    for d in decisions:
-        if d is not None:
-            stats.add(d)
-    return stats.to_json() | ({"seed": seed} if mode == "random" else {})
 
 
 def read_predictions(path: str | Path) -> dict[str, str]:
@@ -116,7 +107,7 @@ def run_benchmark(model, tokenizer, inputs: BenchmarkInputs, *, out_dir: str | P
                        "system_prompt": processor.system_prompt, "image_placeholder": "<image>\\n before the question",
                        "bf16": bf16},
         "eval_seconds": seconds,
-        **({"routing": _routing_stats(routing, routing_seed, decisions)} if decisions is not None else {}),
+        **({"routing": routing_report(routing, routing_seed, decisions)} if decisions is not None else {}),
         "model": {"checkpoint": checkpoint, "config": json.loads(cfg.to_json_string(use_diff=False))},
         "vlweave_version": __version__,
     })

@@ -18,7 +18,7 @@ from vlweave.eval.vqa import (
 )
 from vlweave.safe_io import atomic_write_text
 from vlweave.assets import resolve_data_path
-from vlweave.language.routing import RoutingStats
+from vlweave.language.routing import routing_report
 from vlweave.vision.cache import FeatureCache
 
 
@@ -90,11 +90,7 @@ def evaluate(model, tokenizer, questions: list[Question], *, out_dir: str | Path
     report.update({"eval_seconds": seconds, "prompt_suffix": prompt_suffix, "max_new_tokens": max_new_tokens,
                    "scorer": "normalised exact match", "decoding": "greedy"})
     if decisions is not None:
-        stats = RoutingStats(mode=routing)
-        for d in decisions:
-            if d is not None:
-                stats.add(d)
-        report["routing"] = stats.to_json() | ({"seed": routing_seed} if routing == "random" else {})
+        report["routing"] = routing_report(routing, routing_seed, decisions)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

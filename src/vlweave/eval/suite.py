@@ -77,11 +77,7 @@ def evaluate_suite(model, tokenizer, folder: str | Path, *, limit_per_domain: in
                                    store=store, progress=progress, routing=routing, routing_seed=routing_seed,
                                    decisions=decisions)
         if decisions is not None:
-            stats = RoutingStats(mode=routing)
-            for d in decisions:
-                if d is not None:
-                    stats.add(d)
-            routing_stats[fmt] = stats.to_json()
+            routing_stats[fmt] = RoutingStats.from_decisions(routing, decisions).to_json()
         if out_dir is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             parsed = registry.parse_benchmark(bench, answers, [q.as_record() for q in questions])  # what the scorer compares, per item

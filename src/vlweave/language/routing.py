@@ -232,6 +232,15 @@ class RoutingStats:
     unparseable: int = 0
     expert_use: dict[str, int] = field(default_factory=dict)
 
+    @classmethod
+    def from_decisions(cls, mode: str, decisions: Sequence["RoutingDecision | None"]) -> "RoutingStats":
+        """The counts of one evaluation's decisions (None = a text-only question, not routed)."""
+        stats = cls(mode=mode)
+        for d in decisions:
+            if d is not None:
+                stats.add(d)
+        return stats
+
     def add(self, decision: RoutingDecision) -> None:
         self.routed += 1
         self.unparseable += int(not decision.parsed)
@@ -241,6 +250,11 @@ class RoutingStats:
     def to_json(self) -> dict[str, Any]:
         return {"mode": self.mode, "routed": self.routed, "unparseable": self.unparseable,
                 "expert_use": dict(sorted(self.expert_use.items()))}
+
+
+def routing_report(mode: str, seed: int, decisions: Sequence[RoutingDecision | None]) -> dict[str, Any]:
+    """The metrics' ``routing`` entry of one evaluation: :class:`RoutingStats` plus the seed of ``random``."""
+    return RoutingStats.from_decisions(mode, decisions).to_json() | ({"seed": seed} if mode == "random" else {})
 
 
 def routing_prompt_ids(processor: Any, pool: RoutingPool, question: str, *, template: str | None = None,
@@ -293,5 +307,5 @@ def connector_routes(model: Any) -> bool:
 __all__ = [
     "MAX_EXPERTS", "MAX_ROUTING_TOKENS", "ROUTING_INSTRUCTION", "ROUTING_MODES", "RoutingDecision", "RoutingError",
     "RoutingPool", "RoutingStats", "check_routing_mode", "connector_routes", "decision_from_answer", "fixed_bits",
-    "fixed_routing", "parse_routing_answer", "route_batch", "routing_bits", "routing_prompt_ids",
+    "fixed_routing", "parse_routing_answer", "route_batch", "routing_bits", "routing_prompt_ids", "routing_report",
 ]
