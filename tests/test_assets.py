@@ -284,6 +284,12 @@ def test_easy_vqa_files():
     balanced = json.loads((folder / "train_balanced.json").read_text())
     answers = [r["conversations"][1]["value"] for r in balanced]
     assert len(balanced) == 20466 and answers.count("yes") == answers.count("no") == 5149
+    # The paired file: all 38,575 questions, 22,829 yes/no questions followed by their answer-flipping twin (the
+    # rest are about the 868 images whose questions do not fix both colour and shape).
+    paired = json.loads((folder / "train_paired.json").read_text())
+    answers = [r["conversations"][1]["value"] for r in paired]
+    assert len(paired) == 38575 + 22829 and sum(r["id"].endswith("-pair") for r in paired) == 22829
+    assert (answers.count("yes"), answers.count("no")) == (25636, 25600)
 
 
 @pytest.mark.slow

@@ -132,7 +132,7 @@ _RECIPE_VERSION: dict[str, int] = {
     "smollm2-135m-instruct": 1,
     "efficientnet-lite0": 1,
     "all-minilm-l6-v2": 1,
-    "easy-vqa": 3,  # 2: + {split}_single.json, train_captions.json; 3: + train_balanced.json
+    "easy-vqa": 4,  # 2: + {split}_single.json, train_captions.json; 3: + train_balanced.json; 4: + train_paired.json
     "synthetic": 1,  # versioned by vlweave.data.synthetic.VERSION (part of its folder hash)
 }
 

@@ -515,11 +515,16 @@ def convert_easy_vqa(sources: dict[str, Path], out: Path) -> None:
                                      {"from": "gpt", "value": r["answer"]}]} for r in qa_rows]
         _write_json(out / f"{split}_single.json", single)
         if split == "train":
-            from vlweave.data.easyvqa import balance_yes_no, build_caption_data
+            from vlweave.data.easyvqa import balance_yes_no, build_caption_data, image_facts, pair_yes_no
 
             balanced = balance_yes_no(single)
             _write_json(out / "train_balanced.json", balanced)
             _log(f"easy-vqa train: {len(balanced)} single-question records with yes/no balanced per template")
+
+            paired = pair_yes_no(single, image_facts(records))
+            _write_json(out / "train_paired.json", paired)
+            _log(f"easy-vqa train: {len(paired)} single-question records, every yes/no question with its "
+                 "answer-flipping counterpart")
 
             n_caps = build_caption_data(out / "train.json", out / "train_captions.json")
             _log(f"easy-vqa train: {n_caps} caption records for the align stage")

@@ -114,3 +114,55 @@ def balance_yes_no(records: list[dict[str, Any]], seed: int = 0) -> list[dict[st
         for idx in (yes, no):
             drop.update(set(idx) - set(rng.sample(idx, keep)))
     return [rec for i, rec in enumerate(records) if i not in drop]
+
+
+def image_facts(train_records: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """``image path -> (colour, shape)`` from each image's own training questions (as the align captions)."""
+    facts: dict[str, tuple[str, str]] = {}
+    for rec in train_records:
+        color, shape = _facts_from_turns(rec["conversations"])
+        if color is not None and shape is not None:
+            facts[rec["image"]] = (color, shape)
+    return facts
+
+
+def _negated(question: str) -> bool:
+    return bool(re.search(r"\bnot\b|\bno\b", question.lower()))
+
+
+def pair_yes_no(records: list[dict[str, Any]], facts: dict[str, tuple[str, str]],
+                seed: int = 0) -> list[dict[str, Any]]:
+    """Single-question records where every yes/no question is followed by its *counterpart*: the same image and
+    template with the colour/shape word swapped so that the answer flips ("is there a red shape?" yes -> "is there a
+    blue shape?" no).
+
+    :func:`balance_yes_no` removes the wording shortcut by dropping majority answers; this keeps every question and
+    adds, per image, the contrast that only looking can resolve: within a pair the wording differs by one word and
+    the answer is opposite, so each template is answered "yes" and "no" equally often *for the same image*. The
+    swapped-in word is the image's own colour/shape (when the original's word is absent) or a seeded random other
+    one. Colour/shape questions are kept as they are; a yes/no question whose answer disagrees with the image's
+    facts, or that names no slot word, is kept without a counterpart."""
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    for rec in records:
+        out.append(rec)
+        question = rec["conversations"][0]["value"].replace("<image>", "").strip()
+        answer = rec["conversations"][1]["value"].strip().lower()
+        if answer not in ("yes", "no") or rec.get("image") not in facts:
+            continue
+        color, shape = facts[rec["image"]]
+        words = _TEMPLATES.words_in(question)
+        if len(words) != 1:
+            continue
+        word = words[0]
+        truth, vocab = (color, COLORS) if word in COLORS else (shape, SHAPES)
+        present = word == truth
+        if (answer == "yes") != (present != _negated(question)):
+            continue  # the record disagrees with the image's facts: do not build on it
+        swap = rng.choice([w for w in vocab if w != truth]) if present else truth
+        twin_question = re.sub(rf"\b{word}\b", swap, question, count=1)
+        twin = {"id": f"{rec['id']}-pair", "image": rec["image"],
+                "conversations": [{"from": "human", "value": "<image>\n" + twin_question},
+                                  {"from": "gpt", "value": "no" if answer == "yes" else "yes"}]}
+        out.append(twin)
+    return out
