@@ -54,6 +54,28 @@ def test_compare_two_connectors_two_seeds(tmp_path, capsys):
     assert "compare:" in printed
 
 
+def test_compare_reuses_finished_runs_and_retrains_a_changed_config(tmp_path, capsys):
+    cfg = make_run(tmp_path, vision="clip", connector="mlp2x_gelu")
+    cfg.vision.config_overrides["num_hidden_layers"] = 4
+    cfg.train.stages[0].max_steps = 2
+    path = tmp_path / "a.yaml"
+    cfg.save(path)
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", str(path), "--seed-list", "0", "--output", str(out)]) == 0
+    first = json.loads((out / "compare.json").read_text())["runs"][str(path)]["0"]
+    capsys.readouterr()
+    # a second process over more seeds: seed 0 is taken from its run folder, seed 1 trains
+    assert cli.main(["compare", str(path), "--seeds", "2", "--output", str(out)]) == 0
+    printed = capsys.readouterr().err
+    assert "seed 0: finished run reused" in printed and "seed 1: finished run reused" not in printed
+    runs = json.loads((out / "compare.json").read_text())["runs"][str(path)]
+    assert runs["0"] == first and set(runs) == {"0", "1"}
+    # a changed config (another lr) is not the run on disk: it trains again
+    assert cli.main(["compare", str(path), "--seed-list", "0", "--set", "train.stages.0.lr=1e-2",
+                     "--output", str(out)]) == 0
+    assert "finished run reused" not in capsys.readouterr().err
+
+
 def test_compare_bad_config_fails_before_training(tmp_path, capsys):
     assert cli.main(["compare", "demo", "no-such-config", "--output", str(tmp_path / "x")]) == 2
     assert "no config file or preset named 'no-such-config'" in capsys.readouterr().err

@@ -55,6 +55,29 @@ def test_folders_to_llava_json(make_vqa, tmp_path):
     assert cons["model_accuracy"] == cons["consistency"] == report["groups"]["yes/no"]["accuracy"]
 
 
+def test_paired_gives_every_training_image_a_yes_and_a_no_and_keeps_the_test(make_vqa, tmp_path):
+    src = tmp_path / "src"
+    for c in ("cat", "dog", "owl"):
+        (src / c).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (12, 12), (i * 20, 0, 0)).save(src / c / f"{i}.png")
+    plain, paired = tmp_path / "plain", tmp_path / "paired"
+    assert make_vqa.main(["--folders", str(src), "--out", str(plain)]) == 0
+    assert make_vqa.main(["--folders", str(src), "--out", str(paired), "--paired"]) == 0
+    assert (paired / "test.jsonl").read_text() == (plain / "test.jsonl").read_text()
+    train = load_llava_data(paired / "train.json")
+    assert len(train) == 3 * 24
+    by_image: dict = {}
+    for s in train:
+        q, a = s.conversations[0]["value"].replace("<image>\n", ""), s.conversations[1]["value"]
+        by_image.setdefault(s.image, []).append((q, a))
+    for image, qas in by_image.items():
+        label = Path(image).parent.name
+        yes_no = sorted(a for q, a in qas if q.startswith("Is this a "))
+        assert yes_no == ["no", "yes"] and (f"Is this a {label}?", "yes") in qas
+        assert all((a == "yes") == (q == f"Is this a {label}?") for q, a in qas if q.startswith("Is this a "))
+
+
 def test_not_an_image_folder_is_a_clear_error(make_vqa, tmp_path):
     (tmp_path / "only").mkdir()
     with pytest.raises(SystemExit, match="expected one sub-folder of images per class"):

@@ -13,7 +13,8 @@ Output (in ``--out``)::
     test.jsonl                  held-out questions {question_id, image, text, answer, type}
 
 Every image gets "What {noun} is shown?" -> its class, and "Is this a {class'}?" about its own class or another one
-(seeded, ``--yes-fraction`` of them about its own).  A seeded ``--test-fraction`` of the images (not of the
+(seeded, ``--yes-fraction`` of them about its own); with ``--paired`` every *training* image is asked about its own
+class and about another one, so each image carries a "yes" and a "no" (the test questions stay the same).  A seeded ``--test-fraction`` of the images (not of the
 questions: no test image is seen in training) goes to ``test.jsonl``.
 
     python examples/own_data/make_vqa.py --sklearn-digits --out data/digits
@@ -70,8 +71,10 @@ def read_folders(root: Path) -> list[tuple[Path, str]]:
 
 
 def build(pairs: list[tuple[Path, str]], out: Path, noun: str, test_fraction: float, yes_fraction: float,
-          seed: int) -> dict[str, int]:
+          seed: int, paired: bool = False) -> dict[str, int]:
     rng = random.Random(seed)
+    # The paired extras draw from their own stream, so the split and the test questions are the same either way.
+    pair_rng = random.Random(seed + 1)
     classes = sorted({c for _, c in pairs})
     order = list(range(len(pairs)))
     rng.shuffle(order)
@@ -89,6 +92,9 @@ def build(pairs: list[tuple[Path, str]], out: Path, noun: str, test_fraction: fl
             test += [{"question_id": f"{i}-{k}", "image": str(rel), "text": q, "answer": a, "type": t}
                      for k, (q, a, t) in enumerate(qa)]
             continue
+        if paired:  # a training image is asked about its own class ("yes") *and* another one ("no")
+            other = asked if asked != label else pair_rng.choice([c for c in classes if c != label])
+            qa = [qa[0], (f"Is this a {label}?", "yes", "yes/no"), (f"Is this a {other}?", "no", "yes/no")]
         train += [{"id": f"{i}-{k}", "image": str(rel),
                    "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]}
                   for k, (q, a, _) in enumerate(qa)]
@@ -112,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--yes-fraction", type=float, default=0.5,
                    help="share of yes/no questions about the image's own class (0.5: a blind model gets 0.5)")
+    p.add_argument("--paired", action="store_true",
+                   help="training images get two yes/no questions, about their own class and another one (the "
+                        "test questions are unchanged)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         noun = args.noun or "digit"
     else:
         root, noun = args.folders, args.noun or "kind of item"
-    counts = build(read_folders(root), args.out, noun, args.test_fraction, args.yes_fraction, args.seed)
+    counts = build(read_folders(root), args.out, noun, args.test_fraction, args.yes_fraction, args.seed,
+                   paired=args.paired)
     if args.sklearn_digits:
         shutil.rmtree(root)  # the copies under images/ are what the JSON names
     print(json.dumps({"out": str(args.out), **counts}), file=sys.stderr)

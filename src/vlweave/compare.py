@@ -4,10 +4,17 @@ Every configuration is trained with the same data, steps and seeds, and evaluate
 configuration's ``eval`` section, a fixed seeded subset).  Output: a table of mean +- std per configuration and
 question group, ``compare.json`` with every number (per seed too) and ``compare.png`` (bar chart with std error
 bars).  A new connector joins a comparison by config alone.
+
+A finished run is reused: each run folder keeps its numbers in ``compare_run.json`` beside the resolved config it
+was trained with, and a later ``compare`` into the same output folder skips a (config, seed) whose resolved config
+and evaluation questions are unchanged.  So an interrupted comparison continues where it stopped, and two
+``compare`` processes over disjoint configs (one per core) can share an output folder; a last call with every
+config then only writes the whole table.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from pathlib import Path
@@ -16,7 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from vlweave.config import RunConfig
+from vlweave.config import RunConfig, dumps
 from vlweave.data.easyvqa import add_question_types, question_template
 from vlweave.eval.runner import load_eval_questions
 from vlweave.presets import preset_path
@@ -46,20 +53,46 @@ def compare(configs: list[str], seeds: list[int], out_dir: str | Path, overrides
     for seed in seeds:  # seeds outermost: an interrupted comparison still has every config at the same seeds
         for name in configs:
             cfg = RunConfig.load(preset_path(name), (overrides or []) + [f"train.seed={seed}"])
-            console.print(f"[bold]compare[/bold] {name} seed {seed}")
-            run = train_and_evaluate(cfg, questions, out / f"{Path(name).stem}-seed{seed}", progress,
-                                     template_fn=template_fn)
-            r = {"accuracy": run.accuracy, "groups": run.groups, "train_seconds": run.setup_seconds + run.train_seconds,
-                 "eval_seconds": run.eval_seconds, "visual_tokens": run.visual_tokens, "baselines": run.baselines,
-                 "group_counts": {g: v["n"] for g, v in run.report.get("groups", {}).items()}}
+            run_dir = out / f"{Path(name).stem}-seed{seed}"
+            key = run_key(cfg, questions)
+            r = finished_run(run_dir, key)
+            if r is not None:
+                console.print(f"[bold]compare[/bold] {name} seed {seed}: finished run reused ({run_dir})")
+            else:
+                console.print(f"[bold]compare[/bold] {name} seed {seed}")
+                run = train_and_evaluate(cfg, questions, run_dir, progress, template_fn=template_fn)
+                r = {"accuracy": run.accuracy, "groups": run.groups,
+                     "train_seconds": run.setup_seconds + run.train_seconds, "eval_seconds": run.eval_seconds,
+                     "visual_tokens": run.visual_tokens, "baselines": run.baselines,
+                     "group_counts": {g: v["n"] for g, v in run.report.get("groups", {}).items()}}
+                (run_dir / "compare_run.json").write_text(json.dumps({"key": key, "result": r}, indent=1))
+                console.print(f"  accuracy {r['accuracy']:.3f} ({r['train_seconds']:.0f}s train)")
             results["runs"][name][str(seed)] = r
-            console.print(f"  accuracy {r['accuracy']:.3f} ({r['train_seconds']:.0f}s train)")
             (out / "compare.json").write_text(json.dumps(summarise(results), indent=2))
     results = summarise(results)
     (out / "compare.json").write_text(json.dumps(results, indent=2))
     print_table(results)
     plot(results, out / "compare.png")
     return results
+
+
+def run_key(cfg: RunConfig, questions: list | None) -> str:
+    """What a run's numbers depend on: its resolved config (seed included) and the evaluation questions."""
+    text = dumps(cfg)
+    ids = [q.question_id for q in questions] if questions is not None else "embedded benchmark"
+    return hashlib.sha256((text + json.dumps(ids)).encode()).hexdigest()
+
+
+def finished_run(run_dir: Path, key: str) -> dict[str, Any] | None:
+    """The numbers of a finished run in ``run_dir`` when it was trained with the same config and questions."""
+    record = run_dir / "compare_run.json"
+    if not record.is_file():
+        return None
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a damaged record: train again
+    return data["result"] if data.get("key") == key else None
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
