@@ -12,7 +12,7 @@ import pytest
 from vlweave.data.questions import Question
 from vlweave.data.templates import TemplateMasker
 from vlweave.eval.analysis import analyse, answer_masker, confusion_summary, consistency_check, group_field, \
-    train_questions
+    train_questions, yes_no_balance
 
 
 def q(qid, text, answer, image="img0.png", **meta) -> Question:
@@ -86,6 +86,29 @@ def test_consistency_with_the_models_own_names():
     assert c2["n"] == 5 and c2["consistency"] == pytest.approx(3 / 5)  # said "yes", its name implies "no"
     # no naming questions at all: nothing to check
     assert consistency_check(qs[1:3], answers[1:3], DIGITS_TRAIN, answer_masker(DIGITS_TRAIN)) is None
+
+
+def test_yes_no_balance_is_one_half_for_any_answer_of_the_wording_alone():
+    m = answer_masker(DIGITS_TRAIN)
+    # template "is this a {answer}?": 1 gold yes, 3 gold no; template "is this not a {answer}?": 2 yes, 1 no
+    qs = [q("a", "Is this a 3?", "yes"), q("b", "Is this a 7?", "no"), q("c", "Is this a 3?", "no"),
+          q("d", "Is this a 7?", "no"), q("e", "Is this not a 3?", "yes"), q("f", "Is this not a 7?", "yes"),
+          q("g", "Is this not a 7?", "no"), q("h", "What digit is shown?", "3")]
+    gold = [x.answer for x in qs]
+    # the per-template majority ("no" / "yes"): 5 of 7 yes/no right, but balanced 0.5 in each template
+    blind = ["no", "no", "no", "no", "yes", "yes", "yes", "3"]
+    r = yes_no_balance(qs, blind, m)
+    assert (r["n"], r["templates"], r["template_balanced_accuracy"]) == (7, 2, 0.5)
+    assert (r["yes_recall"], r["no_recall"]) == (2 / 3, 3 / 4)
+    assert yes_no_balance(qs, gold, m)["template_balanced_accuracy"] == 1.0
+    flipped = ["no" if a == "yes" else "yes" if a == "no" else a for a in gold]
+    assert yes_no_balance(qs, flipped, m)["template_balanced_accuracy"] == 0.0
+    # one mistake on the lone gold "no" of the negated template: that template scores (1 + 0) / 2, weight 3 of 7
+    said = gold[:6] + ["yes", "3"]
+    assert yes_no_balance(qs, said, m)["template_balanced_accuracy"] == pytest.approx((4 * 1.0 + 3 * 0.5) / 7)
+    # a template with one gold answer only cannot tell: it is left out; none left -> None
+    assert yes_no_balance(qs[:1], ["yes"], m) is None
+    assert analyse(qs, blind, DIGITS_TRAIN)["yes_no_balance"]["template_balanced_accuracy"] == 0.5
 
 
 def test_groups_from_a_record_field_and_group_by():

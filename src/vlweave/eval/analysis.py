@@ -1,5 +1,6 @@
 """Results a researcher can read, for any question set: accuracy per question group beside blind baselines learned
-from the training answers, a confusion summary for closed-vocabulary answers, and a yes/no consistency check.
+from the training answers, a confusion summary for closed-vocabulary answers, a yes/no consistency check, and
+yes/no accuracy balanced within templates (whether the answers depend on the image at all).
 
 Groups come from a record field when the questions carry one (``category``, ``type``, ``domain``, or one named by
 the caller), otherwise from the question *template*: the question with its content words masked.  Content words are
@@ -184,12 +185,41 @@ def consistency_check(questions: Sequence[Question], answers: Sequence[str], tra
     }
 
 
+def yes_no_balance(questions: Sequence[Question], answers: Sequence[str],
+                   template_fn: Callable[[str], str]) -> dict[str, Any] | None:
+    """Does the model's yes/no answer depend on the image, or only on the wording?
+
+    Accuracy on yes/no questions rewards answering each template with its majority answer (easy-vqa: "no" to "is
+    there a {color} shape?" is right 88 % of the time).  Here each template that has both gold answers in the test
+    set scores its *balanced* accuracy, the mean of the "yes" rate on gold-"yes" questions and the "no" rate on
+    gold-"no" ones, and the templates are averaged by their question counts: any answer that is a function of the
+    template alone scores exactly 0.5, a model that looks scores up to 1.  None when no template has both answers."""
+    per: dict[str, dict[str, list[int]]] = defaultdict(lambda: {"yes": [0, 0], "no": [0, 0]})  # gold -> [right, n]
+    for q, a in zip(questions, answers):
+        if not is_yes_no(q.answer):
+            continue
+        gold = normalize_answer(str(q.answer))
+        cell = per[template_fn(q.text)][gold]
+        cell[0] += normalize_answer(a) == gold
+        cell[1] += 1
+    rows = [d for d in per.values() if d["yes"][1] and d["no"][1]]
+    if not rows:
+        return None
+    n = sum(d["yes"][1] + d["no"][1] for d in rows)
+    balanced = sum((d["yes"][1] + d["no"][1]) * (d["yes"][0] / d["yes"][1] + d["no"][0] / d["no"][1]) / 2
+                   for d in rows) / n
+    return {"n": n, "templates": len(rows), "template_balanced_accuracy": balanced,
+            "yes_recall": sum(d["yes"][0] for d in rows) / sum(d["yes"][1] for d in rows),
+            "no_recall": sum(d["no"][0] for d in rows) / sum(d["no"][1] for d in rows)}
+
+
 def analyse(questions: Sequence[Question], answers: Sequence[str], train: Sequence[Question] | None = None, *,
             group_by: str | None = None, template_fn: Callable[[str], str] | None = None,
             group_fn: Callable[[Question], str] | None = None) -> dict[str, Any]:
     """The readable report for one evaluation: ``groups`` (accuracy, count and blind baselines per group; by
     ``group_fn``, else the ``group_by``/auto field, else the template), overall ``baselines``, ``confusion`` and
-    ``consistency`` (None where the data do not allow them).  ``train``: the training questions the baselines
+    ``consistency`` and ``yes_no_balance`` (None where the data do not allow them).  ``train``: the training
+    questions the baselines
     learn from (None: no baselines); ``template_fn``: default the answer-vocabulary masker of ``train``."""
     masker = answer_masker(train or [])
     template_fn = template_fn or masker
@@ -222,6 +252,7 @@ def analyse(questions: Sequence[Question], answers: Sequence[str], train: Sequen
         "baseline_source": None if not train else f"{len(train)} training question(s)",
         "confusion": confusion_summary(questions, answers),
         "consistency": None if not train else consistency_check(questions, answers, train, masker),
+        "yes_no_balance": yes_no_balance(questions, answers, template_fn),
     }
 
 
@@ -264,3 +295,8 @@ def print_details(report: dict[str, Any], console) -> None:
                       f"model {cons['model_accuracy']:.3f}"
                       f", implied by its names {cons['naming_implied_accuracy']:.3f}, agreement "
                       f"{cons['consistency']:.3f}")
+    bal = report.get("yes_no_balance")
+    if bal:
+        console.print(f"yes/no balanced within templates ({bal['n']} questions, {bal['templates']} templates): "
+                      f"{bal['template_balanced_accuracy']:.3f} (0.5: answered from the wording alone; recall of "
+                      f"yes {bal['yes_recall']:.3f}, of no {bal['no_recall']:.3f})")
