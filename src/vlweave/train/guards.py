@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from vlweave.config import ConfigError, RunConfig
+from vlweave.train.attention import ATTN_CHOICES
 from vlweave.train.checkpoints import ResumeError
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -69,6 +70,9 @@ def validate_train_config(cfg: RunConfig) -> None:
         problems.append(f"train.keep_checkpoints = {t.keep_checkpoints}: must be at least 1 (or null: keep all)")
     if t.on_nonfinite not in NONFINITE_POLICIES:
         problems.append(f"train.on_nonfinite = {t.on_nonfinite!r}: expected one of {', '.join(NONFINITE_POLICIES)}")
+    if t.attn_implementation not in ATTN_CHOICES:
+        problems.append(f"train.attn_implementation = {t.attn_implementation!r}: expected one of "
+                        f"{', '.join(ATTN_CHOICES)}")
     if cfg.language.max_length is not None and cfg.language.max_length < 1:
         problems.append(f"language.max_length = {cfg.language.max_length}: must be at least 1")
     if cfg.data.max_samples is not None and cfg.data.max_samples < 1:

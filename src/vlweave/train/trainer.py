@@ -39,6 +39,7 @@ from vlweave.processing import IGNORE_INDEX, make_transform, pixels_by_tower
 from vlweave.processor import VlweaveProcessor
 from vlweave.safe_io import atomic_write_text
 from vlweave.train import checkpoints as ckpts
+from vlweave.train.attention import attention_kernel, training_attention
 from vlweave.train.distributed import (
     configure_stage,
     enable_gradient_checkpointing,
@@ -448,8 +449,10 @@ class Trainer:
             t_steps = time.time()
             steps_before = step
             if step < total:
+                kernel = training_attention(cfg.train.attn_implementation, acc.device)
                 try:
-                    self._run_stage(index, stage, loader, total, step, optimizer, scheduler)
+                    with attention_kernel(self.model.language_model, kernel):
+                        self._run_stage(index, stage, loader, total, step, optimizer, scheduler)
                 except NonFiniteLossError as exc:  # keep the log of what happened beside the finite checkpoints
                     if self.is_main:
                         self._write_metrics({"train_seconds": time.time() - t0, "steps": len(self.metrics),
