@@ -183,3 +183,13 @@ def test_dense_presets_build_their_connectors(kind, tokens, width):
                              vision_model_type="dinov2")
     conn = build_connector(demo.connector.type, dinov2_s)
     assert conn.num_tokens() == {"sti": 6, "sci": 4, "dci": 4}[kind]
+
+
+def test_explicit_values_leave_out_defaults_recursively():
+    from vlweave.config import RunConfig, StageConfig, explicit_values
+
+    assert explicit_values(RunConfig()) == {}
+    cfg = RunConfig()
+    cfg.train.stages = [StageConfig(name="align", lr=1e-3), StageConfig()]
+    cfg.train.seed = 3
+    assert explicit_values(cfg) == {"train": {"stages": [{"name": "align", "lr": 1e-3}, {}], "seed": 3}}

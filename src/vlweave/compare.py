@@ -23,7 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from vlweave.config import RunConfig, dumps
+from vlweave.config import RunConfig, explicit_values
 from vlweave.data.easyvqa import add_question_types, question_template
 from vlweave.eval.runner import load_eval_questions
 from vlweave.presets import preset_path
@@ -77,8 +77,9 @@ def compare(configs: list[str], seeds: list[int], out_dir: str | Path, overrides
 
 
 def run_key(cfg: RunConfig, questions: list | None) -> str:
-    """What a run's numbers depend on: its resolved config (seed included) and the evaluation questions."""
-    text = dumps(cfg)
+    """What a run's numbers depend on: its resolved config (seed included; fields at their defaults left out, so
+    a newly added option does not invalidate finished runs) and the evaluation questions."""
+    text = json.dumps(explicit_values(cfg), sort_keys=True, default=str)
     ids = [q.question_id for q in questions] if questions is not None else "embedded benchmark"
     return hashlib.sha256((text + json.dumps(ids)).encode()).hexdigest()
 

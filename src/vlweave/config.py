@@ -137,6 +137,10 @@ class StageConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_ratio: float = 0.03  # share of the stage's steps with linear warm-up
     max_grad_norm: float = 1.0  # gradient clipping (0: none)
+    # Align objective tying visual tokens to words: visual token j is pulled toward the LM's input embedding of the
+    # answer's j-th token (cycling over the answer, its end-of-turn token left out), as a squared error relative to
+    # the embeddings' size, times this weight, added to the LM loss.  Meant for caption stages ("red circle").
+    word_tie: float = 0.0
 
 
 @dataclass
@@ -380,3 +384,29 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
 
 def dumps(cfg: RunConfig) -> str:
     return json.dumps(cfg.to_dict(), indent=2)
+
+
+def explicit_values(obj: Any) -> Any:
+    """A config with every field that equals its dataclass default left out (recursively; list items are kept
+    in place, each reduced the same way): what a run's behaviour depends on beyond the defaults.  A field added
+    later with a default that keeps the old behaviour does not change it, so a fingerprint of it (``vlweave
+    compare``'s finished-run key) survives new options."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = dataclasses.MISSING
+            if default is not dataclasses.MISSING and value == default:
+                continue
+            out[f.name] = explicit_values(value)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [explicit_values(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: explicit_values(v) for k, v in obj.items()}
+    return obj

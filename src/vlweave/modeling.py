@@ -201,6 +201,8 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel, GenerationMixin):
                              f"model has {list(self.tower_specs)}")
         self._prefill_hooks: dict[str, PrefillHook] = {}
         self.active_context: VlweaveContext | None = None  # the context of the forward now running (else None)
+        # Weight of the word-tie align objective (set by the trainer for a stage's steps; not part of the model).
+        self.word_tie = 0.0
         # After the connector, so that adding a module leaves the connector's seeded init unchanged.
         self.lm_modules = nn.ModuleDict()
         for entry in config.lm_modules:
@@ -555,9 +557,34 @@ class VlweaveForConditionalGeneration(VlweavePreTrainedModel, GenerationMixin):
             raise ValueError(f"batch has no supervised token (all labels are IGNORE_INDEX = {IGNORE_INDEX})")
         logits = self.get_output_embeddings()(hidden[:, :-1][keep])
         loss = F.cross_entropy(logits.float(), targets[keep])
+        if self.word_tie and input_ids is not None:
+            tie = self.word_tie_loss(input_ids, inputs_embeds, labels)
+            if tie is not None:
+                aux["word_tie"] = self.word_tie * tie
         for value in aux.values():
             loss = loss + value
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def word_tie_loss(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor,
+                      labels: torch.Tensor) -> torch.Tensor | None:
+        """The align objective of ``stages[].word_tie``: how far each image's visual tokens are from the LM input
+        embeddings of its answer's tokens (visual token ``j`` <-> answer token ``j mod len``, the answer's last
+        supervised token - the end of the turn - left out), as the mean squared error over the mean squared norm of
+        those embeddings; the targets are not trained.  None when no image row has an answer word.  Why: a
+        caption's words in place of the image are what the LM compares questions with best (docs/demo.md, text
+        oracle), so visual tokens near those words could carry that skill over."""
+        image_mask = input_ids == self.config.image_token_id
+        embed = self.get_input_embeddings()
+        losses = []
+        for b in image_mask.any(dim=1).nonzero().flatten().tolist():
+            answer = labels[b][labels[b] != IGNORE_INDEX][:-1]
+            if answer.numel() == 0:
+                continue
+            visual = inputs_embeds[b][image_mask[b]].float()
+            target = embed(answer[torch.arange(visual.shape[0], device=answer.device) % answer.numel()])
+            target = target.detach().float()
+            losses.append(((visual - target) ** 2).sum(-1).mean() / (target ** 2).sum(-1).mean())
+        return torch.stack(losses).mean() if losses else None
 
     # ---- generation ------------------------------------------------------------------------------------
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, *args: Any, is_first_iteration: bool = False,

@@ -62,6 +62,8 @@ def validate_train_config(cfg: RunConfig) -> None:
             problems.append(f"{key}.warmup_ratio = {s.warmup_ratio}: must be in [0, 1]")
         if not (math.isfinite(s.max_grad_norm) and s.max_grad_norm >= 0):
             problems.append(f"{key}.max_grad_norm = {s.max_grad_norm}: must be >= 0 (0: no clipping)")
+        if not (math.isfinite(s.word_tie) and s.word_tie >= 0):
+            problems.append(f"{key}.word_tie = {s.word_tie}: must be a finite number >= 0 (0: off)")
         if not (math.isfinite(s.weight_decay) and s.weight_decay >= 0):
             problems.append(f"{key}.weight_decay = {s.weight_decay}: must be a finite number >= 0")
     if t.save_every < 0:

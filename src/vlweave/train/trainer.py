@@ -450,6 +450,7 @@ class Trainer:
             steps_before = step
             if step < total:
                 kernel = training_attention(cfg.train.attn_implementation, acc.device)
+                self.model.word_tie = stage.word_tie  # the align objective, this stage's steps only
                 try:
                     with attention_kernel(self.model.language_model, kernel):
                         self._run_stage(index, stage, loader, total, step, optimizer, scheduler)
@@ -458,6 +459,8 @@ class Trainer:
                         self._write_metrics({"train_seconds": time.time() - t0, "steps": len(self.metrics),
                                              "stopped": str(exc)})
                     raise
+                finally:
+                    self.model.word_tie = 0.0
             t_save = time.time()
             last = self.save_state(index, total, optimizer, scheduler)
             self._unprepare()
