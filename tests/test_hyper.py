@@ -630,3 +630,22 @@ def test_lmms_eval_loglikelihood_scores_the_continuation_with_the_prompts_guidan
         logits = torch.cat([out.logits[:, -1:], rest.logits[:, :-1]], dim=1).float().log_softmax(-1)[0]
         direct = float(logits.gather(-1, torch.tensor(target)[:, None]).sum())
         assert value == pytest.approx(direct, abs=2e-4)  # with the continuation in the guidance: off by ~2e-3
+
+
+def test_guidance_norm_layer_makes_the_generated_weights_scale_free():
+    """``guidance_norm: layer`` (the language expert's default) normalises the guidance before the encoders, so an
+    LLM residual stream's growing scale cannot blow the hypernetwork up; ``none`` reads it as given."""
+    torch.manual_seed(0)
+    sites = {"a": (6, 6)}
+    g = torch.randn(3, 10)
+    out = {}
+    for norm in ("none", "layer"):
+        torch.manual_seed(1)
+        expert = DynamicExpert(sites, guidance_dim=10, options=HyperExpertOptions(zero_init=False, guidance_norm=norm))
+        out[norm] = (expert.generate("a", g).down, expert.generate("a", 100 * g + 3).down)
+    small, big = out["layer"]
+    assert torch.allclose(small, big, atol=1e-4)  # LayerNorm(100 g + 3) == LayerNorm(g)
+    assert not torch.allclose(*out["none"], atol=1e-2)
+    from vlweave.language.hyper_expert import LanguageExpertOptions
+
+    assert LanguageExpertOptions().guidance_norm == "layer" and HyperExpertOptions().guidance_norm == "none"

@@ -19,6 +19,8 @@ Options (:class:`LanguageExpertOptions`; defaults are the paper's or, where it i
   exactly what generation sees at prefill, so training and decoding agree; ``all``: every attended token, the
   answer included in training);
 - ``adapter_input`` (``residual``: ``x_L`` as Eq. 7 writes it; ``normed``: the FFN's normalised input);
+- ``guidance_norm`` (``layer``, the default here: the pooled guidance LayerNorm-ed, no affine, before the encoders;
+  ``none``: as it comes out of the block, whose scale made the first comparison run diverge);
 - the expert's own: ``embed_dim`` 64, ``bottleneck`` 16, ``hyper_hidden``, ``hyper_activation``, ``activation``,
   ``share_hypernetwork`` (one H for all blocks, per-block encoders), ``zero_init``, ``scale``.
 
@@ -54,6 +56,7 @@ class LanguageExpertOptions(HyperExpertOptions):
     guidance_pool: Literal["mean", "last"] = "mean"
     guidance_tokens: Literal["prompt", "all"] = "prompt"
     adapter_input: Literal["residual", "normed"] = "residual"
+    guidance_norm: Literal["none", "layer"] = "layer"  # the residual stream's scale: see HyperExpertOptions
 
 
 class _GuidanceReady(Exception):
