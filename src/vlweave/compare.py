@@ -9,7 +9,8 @@ A finished run is reused: each run folder keeps its numbers in ``compare_run.jso
 was trained with, and a later ``compare`` into the same output folder skips a (config, seed) whose resolved config
 and evaluation questions are unchanged.  So an interrupted comparison continues where it stopped, and two
 ``compare`` processes over disjoint configs (one per core) can share an output folder; a last call with every
-config then only writes the whole table.
+config then only writes the whole table.  The key covers the configuration, not the code: after a change to
+the code a comparison measures, start a fresh output folder.
 """
 
 from __future__ import annotations
