@@ -16,7 +16,6 @@ interleaved (a change of machine load hits both alike), and checks first that bo
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import statistics
@@ -27,15 +26,13 @@ from pathlib import Path
 
 import torch
 
-from vlweave import assets
+from _common import bench_parser, easyvqa_samples, parse, train_batch  # noqa: I001 (bench/_common.py)
 from vlweave.builder import build_model
 from vlweave.config import RunConfig, StageConfig
 from vlweave.data.collate import pad_batch
-from vlweave.data.llava_json import load_llava_data
 from vlweave.eval.vqa import encode_question
 from vlweave.hardware import bf16_available
 from vlweave.presets import preset_path
-from vlweave.processing import encode_conversation
 from vlweave.train.policy import apply_tune_policy
 from vlweave.train.trainer import make_transform
 from vlweave.vision.cache import load_image
@@ -43,16 +40,11 @@ from vlweave.vision.cache import load_image
 KERNELS = ("sdpa", "eager")
 
 
-def make_batch(model, tokenizer, samples, prompt_only: bool = False):
-    """A training batch (question + answer, right-padded) or a generation batch (prompt, left-padded)."""
-    if prompt_only:
-        rows = [{"input_ids": encode_question(model, tokenizer, s.conversations[0]["value"].replace("<image>", "")
-                                              .strip(), True, system_prompt="")} for s in samples]
-    else:
-        rows = [encode_conversation(s.conversations[:2], tokenizer, "tokenizer", sample_id=s.id, system_prompt="",
-                                    image_token_id=model.config.image_token_id,
-                                    num_image_tokens=model.num_image_tokens) for s in samples]
-    batch = pad_batch(rows, tokenizer.pad_token_id, padding_side="left" if prompt_only else "right")
+def prompt_batch(model, tokenizer, samples):
+    """A generation batch: each sample's question as a left-padded prompt, with its image."""
+    rows = [{"input_ids": encode_question(model, tokenizer, s.conversations[0]["value"].replace("<image>", "").strip(),
+                                          True, system_prompt="")} for s in samples]
+    batch = pad_batch(rows, tokenizer.pad_token_id, padding_side="left")
     transform = make_transform(model)
     batch["pixel_values"] = torch.stack([transform(load_image(s.image)) for s in samples])
     return batch
@@ -63,21 +55,14 @@ def set_kernel(model, kernel: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap = bench_parser(__doc__, batch_size=32)
     ap.add_argument("--gen-batch-size", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=3, help="timed repetitions per variant (after one warm-up)")
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-bf16", action="store_true", help="fp32 even where bf16 is native")
-    ap.add_argument("--json", help="write all timings here")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(ap, argv)
     bf16 = bf16_available() and not args.no_bf16
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
-    root = Path(assets.pull("easy-vqa"))
-    samples = load_llava_data(root / "train_single.json", root)[: args.batch_size]
+    samples = easyvqa_samples(args.batch_size)
     stage = StageConfig(name="finetune", tune={"vision": "frozen", "connector": "full", "language": "lora"})
     results: dict[str, dict] = {}
     for pool in (4, 1):
@@ -85,8 +70,8 @@ def main(argv=None) -> int:
         cfg = RunConfig.load(preset_path("demo"), [f"connector.options.pool={pool}"])
         model, tokenizer = build_model(cfg)
         apply_tune_policy(model, stage, cfg.train.lora)
-        batch = make_batch(model, tokenizer, samples)
-        prompts = make_batch(model, tokenizer, samples[: args.gen_batch_size], prompt_only=True)
+        batch = train_batch(model, tokenizer, samples)
+        prompts = prompt_batch(model, tokenizer, samples[: args.gen_batch_size])
         # Same function both ways: the loss and the gradients of one step from the same weights.
         grads = {}
         for kernel in KERNELS:

@@ -23,7 +23,6 @@ larger input so that the visual tokens dominate as in LLaVA-1.5 (224 px -> 16x16
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import statistics
@@ -33,16 +32,11 @@ from pathlib import Path
 
 import torch
 
-from vlweave import assets
+from _common import bench_parser, easyvqa_samples, parse, train_batch  # noqa: I001 (bench/_common.py)
 from vlweave.builder import build_model
 from vlweave.config import RunConfig, StageConfig
-from vlweave.data.collate import pad_batch
-from vlweave.data.llava_json import load_llava_data
 from vlweave.presets import preset_path
-from vlweave.processing import encode_conversation
 from vlweave.train.policy import apply_tune_policy
-from vlweave.train.trainer import make_transform
-from vlweave.vision.cache import load_image
 
 VARIANTS = {
     "mlp2x_gelu": ("mlp2x_gelu", {}),
@@ -74,15 +68,6 @@ def build_variants(image_size: int, seed: int = 0):
     return models, tokenizer
 
 
-def make_batch(model, tokenizer, samples, n_tokens: int):
-    rows = [encode_conversation(s.conversations[:2], tokenizer, "tokenizer", image_token_id=model.config.image_token_id,
-                                num_image_tokens=n_tokens, system_prompt="", sample_id=s.id) for s in samples]
-    batch = pad_batch(rows, tokenizer.pad_token_id, padding_side="right", pad_to_multiple_of=8)
-    transform = make_transform(model)
-    batch["pixel_values"] = torch.stack([transform(load_image(s.image)) for s in samples])
-    return batch
-
-
 def train_step(model, batch, opt) -> float:
     t0 = time.perf_counter()
     out = model(**batch)
@@ -101,24 +86,15 @@ def prefill(model, batch) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=3, help="timed repetitions per variant (after one warm-up)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", help="write all timings here")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(bench_parser(__doc__, image_size=224), argv)
     torch.manual_seed(0)
     models, tokenizer = build_variants(args.image_size)
-    root = Path(assets.pull("easy-vqa"))
-    samples = load_llava_data(root / "train_single.json", root)[: args.batch_size]
+    samples = easyvqa_samples(args.batch_size)
     lora = RunConfig.load(preset_path("demo")).train.lora
     stage = StageConfig(name="finetune", tune={"vision": "frozen", "connector": "full", "language": "lora"})
     batches, opts = {}, {}
     for label, model in models.items():
-        batches[label] = make_batch(model, tokenizer, samples, model.num_image_tokens)
+        batches[label] = train_batch(model, tokenizer, samples, pad_to_multiple_of=8)
     # LoRA is injected into the shared LM once; each variant's optimizer holds its connector + the shared LoRA.
     for label, model in models.items():
         apply_tune_policy(model, stage, lora)

@@ -20,7 +20,6 @@ machine's load hits both alike; medians are reported as ratios hyper / static.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import statistics
@@ -30,17 +29,13 @@ from pathlib import Path
 
 import torch
 
-from vlweave import assets
+from _common import bench_parser, easyvqa_samples, parse, train_batch  # noqa: I001 (bench/_common.py)
 from vlweave.builder import build_model
 from vlweave.config import LMModuleConfig, RunConfig, StageConfig
 from vlweave.data.collate import pad_batch
-from vlweave.data.llava_json import load_llava_data
 from vlweave.eval.vqa import encode_question
 from vlweave.presets import preset_path
-from vlweave.processing import encode_conversation
 from vlweave.train.policy import apply_tune_policy
-from vlweave.train.trainer import make_transform
-from vlweave.vision.cache import load_image
 
 GOAL = 1.15
 
@@ -62,16 +57,6 @@ def build(kind: str, image_size: int, pool: int):
     return model, tok, cfg
 
 
-def train_batch(model, tok, samples):
-    rows = [encode_conversation(s.conversations[:2], tok, "tokenizer", image_token_id=model.config.image_token_id,
-                                num_image_tokens=model.num_image_tokens, system_prompt="", sample_id=s.id)
-            for s in samples]
-    batch = pad_batch(rows, tok.pad_token_id, padding_side="right", pad_to_multiple_of=8)
-    transform = make_transform(model)
-    batch["pixel_values"] = torch.stack([transform(load_image(s.image)) for s in samples])
-    return batch
-
-
 def train_step(model, batch, opt) -> tuple[float, float]:
     t0, c0 = time.perf_counter(), time.process_time()
     model(**batch).loss.backward()
@@ -91,24 +76,16 @@ def generate(model, tok, prompts, pixels, new_tokens: int) -> tuple[float, float
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--image-size", type=int, default=112)
+    ap = bench_parser(__doc__, image_size=112, reps_help="timed repetitions (after one warm-up)")
     ap.add_argument("--pool", type=int, default=4, help="2-D pooling of the patch grid (demo: 4)")
-    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=3, help="timed repetitions (after one warm-up)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", help="write all timings here")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(ap, argv)
     models = {k: build(k, args.image_size, args.pool) for k in ("static", "hyper")}
-    root = Path(assets.pull("easy-vqa"))
-    samples = load_llava_data(root / "train_single.json", root)[: args.batch_size]
+    samples = easyvqa_samples(args.batch_size)
     stage = StageConfig(name="finetune", tune={"vision": "frozen", "connector": "full", "language": "lora"})
     batches, opts, prompts, pixels = {}, {}, {}, {}
     for kind, (model, tok, cfg) in models.items():
-        batches[kind] = train_batch(model, tok, samples)
+        batches[kind] = train_batch(model, tok, samples, pad_to_multiple_of=8)
         tune = dict(stage.tune, **({"language_expert": "full"} if kind == "hyper" else {}))
         apply_tune_policy(model, StageConfig(name="finetune", tune=tune), cfg.train.lora)
         opts[kind] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -29,7 +29,6 @@ experts' cross-attentions are skipped).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import statistics
@@ -39,11 +38,10 @@ from pathlib import Path
 
 import torch
 
-from vlweave import assets
+from _common import bench_parser, easyvqa_samples, parse  # noqa: I001 (bench/_common.py)
 from vlweave.builder import build_model
 from vlweave.config import RunConfig, StageConfig, VisionConfig
 from vlweave.context import VlweaveContext
-from vlweave.data.llava_json import load_llava_data
 from vlweave.presets import preset_path
 from vlweave.processor import VlweaveProcessor
 from vlweave.train.policy import apply_tune_policy
@@ -97,19 +95,10 @@ def connector_forward(model, feats, ctx) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=3, help="timed repetitions per variant (after one warm-up)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", help="write all timings here")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(bench_parser(__doc__, image_size=224), argv)
     torch.manual_seed(0)
     models, tokenizer = build_variants(args.image_size)
-    root = Path(assets.pull("easy-vqa"))
-    samples = load_llava_data(root / "train_single.json", root)[: args.batch_size]
+    samples = easyvqa_samples(args.batch_size)
     images = [load_image(s.image) for s in samples]
     convs = [s.conversations[:2] for s in samples]
     stage = StageConfig(name="align", tune={"vision": "frozen", "connector": "full", "language": "frozen"})
