@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from vlweave.data.templates import TemplateMasker
+from vlweave.data.templates import TemplateMasker, is_negated
 
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
@@ -61,8 +61,7 @@ def _facts_from_turns(turns: list[dict[str, str]]) -> tuple[str | None, str | No
         elif ans in SHAPES:
             shape[ans] += 2
         elif ans in ("yes", "no"):
-            negated = bool(re.search(r"\bnot\b|\bno\b", text))
-            present = (ans == "yes") != negated
+            present = (ans == "yes") != is_negated(text)
             if present:
                 for c in _COLOR_RE.findall(text):
                     color[c] += 1
@@ -126,10 +125,6 @@ def image_facts(train_records: list[dict[str, Any]]) -> dict[str, tuple[str, str
     return facts
 
 
-def _negated(question: str) -> bool:
-    return bool(re.search(r"\bnot\b|\bno\b", question.lower()))
-
-
 def pair_yes_no(records: list[dict[str, Any]], facts: dict[str, tuple[str, str]],
                 seed: int = 0) -> list[dict[str, Any]]:
     """Single-question records where every yes/no question is followed by its *counterpart*: the same image and
@@ -157,7 +152,7 @@ def pair_yes_no(records: list[dict[str, Any]], facts: dict[str, tuple[str, str]]
         word = words[0]
         truth, vocab = (color, COLORS) if word in COLORS else (shape, SHAPES)
         present = word == truth
-        if (answer == "yes") != (present != _negated(question)):
+        if (answer == "yes") != (present != is_negated(question)):
             continue  # the record disagrees with the image's facts: do not build on it
         swap = rng.choice([w for w in vocab if w != truth]) if present else truth
         twin_question = re.sub(rf"\b{word}\b", swap, question, count=1)

@@ -37,4 +37,13 @@ class TemplateMasker:
         return [w for _, w in sorted(found)]
 
 
-__all__ = ["TemplateMasker"]
+_NEGATION = re.compile(r"\b(not|no)\b")
+
+
+def is_negated(text: str) -> bool:
+    """Whether a yes/no question is asked in the negative ("is there *not* a ...", "is *no* ... present?"): its
+    answer is "yes" when the thing is absent."""
+    return bool(_NEGATION.search(text.lower()))
+
+
+__all__ = ["TemplateMasker", "is_negated"]

@@ -20,14 +20,13 @@ blind rate is not comparing the question with the image.
 
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from vlweave.data.questions import Question
-from vlweave.data.templates import TemplateMasker
+from vlweave.data.templates import TemplateMasker, is_negated
 from vlweave.eval.vqa import majority_baselines, normalize_answer
 
 GROUP_FIELDS = ("category", "type", "domain")  # record fields that name a question's group, in this order
@@ -36,7 +35,6 @@ MAX_TEMPLATE_GROUPS = 20  # more templates than this: the most frequent ones, th
 OTHER_TEMPLATES = "(other templates)"
 MAX_CLOSED_VOCABULARY = 50  # distinct gold answers up to which a confusion summary is meaningful
 TOP_CONFUSIONS = 10
-_NEGATION = re.compile(r"\b(not|no)\b")
 
 
 def answer_masker(train: Sequence[Question], slot: str = "answer") -> TemplateMasker:
@@ -172,7 +170,7 @@ def consistency_check(questions: Sequence[Question], answers: Sequence[str], tra
             matches.append(said[0] == normalize_answer(w))
         else:
             present = all(matches)
-            implied = "yes" if present != bool(_NEGATION.search(q.text.lower())) else "no"
+            implied = "yes" if present != is_negated(q.text) else "no"
             rows.append((normalize_answer(a), implied, normalize_answer(str(q.answer))))
     if not rows:
         return None
