@@ -76,6 +76,36 @@ def test_compare_reuses_finished_runs_and_retrains_a_changed_config(tmp_path, ca
     assert "finished run reused" not in capsys.readouterr().err
 
 
+def test_compare_evaluates_a_trained_model_again_when_only_eval_differs(tmp_path, capsys):
+    cfg = make_run(tmp_path, vision="clip", connector="mlp2x_gelu")
+    cfg.vision.config_overrides["num_hidden_layers"] = 4
+    cfg.train.stages[0].max_steps = 2
+    for name, max_new in (("a", cfg.eval.max_new_tokens), ("b", cfg.eval.max_new_tokens), ("c", 1)):
+        cfg.eval.max_new_tokens = max_new
+        cfg.save(tmp_path / f"{name}.yaml")
+    paths = [str(tmp_path / f"{n}.yaml") for n in "abc"]
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", *paths, "--seed-list", "0", "--output", str(out)]) == 0
+    printed = capsys.readouterr().err
+    assert printed.count("evaluating the model trained in") == 2  # b and c: a's model, evaluated again
+    runs = json.loads((out / "compare.json").read_text())["runs"]
+    assert "trained_in" not in runs[paths[0]]["0"]
+    assert runs[paths[1]]["0"]["trained_in"] == runs[paths[2]]["0"]["trained_in"] == str(out / "a-seed0")
+    assert not (out / "b-seed0" / "final").exists()  # nothing trained there
+
+    def answers(run):
+        return [json.loads(line)["prediction"] for line in (out / run / "predictions.jsonl").read_text().splitlines()]
+
+    # the reloaded model answers exactly as the in-memory one did at the end of training
+    assert answers("b-seed0") == answers("a-seed0")
+    assert runs[paths[1]]["0"]["accuracy"] == runs[paths[0]]["0"]["accuracy"]
+    assert all(len(a.split()) <= 1 for a in answers("c-seed0"))  # c's own eval block (1 new token) was used
+    # a changed training setting is not that model: it trains
+    assert cli.main(["compare", paths[0], "--seed-list", "0", "--set", "train.stages.0.lr=1e-2",
+                     "--output", str(out / "other")]) == 0
+    assert "evaluating the model trained in" not in capsys.readouterr().err
+
+
 def test_compare_bad_config_fails_before_training(tmp_path, capsys):
     assert cli.main(["compare", "demo", "no-such-config", "--output", str(tmp_path / "x")]) == 2
     assert "no config file or preset named 'no-such-config'" in capsys.readouterr().err

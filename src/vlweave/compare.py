@@ -11,6 +11,11 @@ and evaluation questions are unchanged.  So an interrupted comparison continues 
 ``compare`` processes over disjoint configs (one per core) can share an output folder; a last call with every
 config then only writes the whole table.  The key covers the configuration, not the code: after a change to
 the code a comparison measures, start a fresh output folder.
+
+A trained model is reused too: a (config, seed) whose training settings (everything but ``eval`` and the output
+folder) equal those of a finished run in the same output folder is only evaluated, on that run's saved
+``final/`` model, with its own ``eval`` block.  So an arm that differs only in how it is evaluated (MoVA's
+random routing beside the routed arm) costs an evaluation, not a training run.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from vlweave.eval.runner import load_eval_questions
 from vlweave.presets import preset_path
 from vlweave.runs import train_and_evaluate
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # log lines: paths are not broken across lines
 
 
 def compare(configs: list[str], seeds: list[int], out_dir: str | Path, overrides: list[str] | None = None,
@@ -57,8 +62,15 @@ def compare(configs: list[str], seeds: list[int], out_dir: str | Path, overrides
             run_dir = out / f"{Path(name).stem}-seed{seed}"
             key = run_key(cfg, questions)
             r = finished_run(run_dir, key)
+            trained = trained_run(out, train_key(cfg)) if r is None else None
             if r is not None:
                 console.print(f"[bold]compare[/bold] {name} seed {seed}: finished run reused ({run_dir})")
+            elif trained is not None:
+                console.print(f"[bold]compare[/bold] {name} seed {seed}: evaluating the model trained in {trained} "
+                              "(same training settings)")
+                r = evaluate_trained_run(cfg, questions, trained, run_dir, progress, template_fn)
+                _write_record(run_dir, key, train_key(cfg), r)
+                console.print(f"  accuracy {r['accuracy']:.3f}")
             else:
                 console.print(f"[bold]compare[/bold] {name} seed {seed}")
                 run = train_and_evaluate(cfg, questions, run_dir, progress, template_fn=template_fn)
@@ -66,7 +78,7 @@ def compare(configs: list[str], seeds: list[int], out_dir: str | Path, overrides
                      "train_seconds": run.setup_seconds + run.train_seconds, "eval_seconds": run.eval_seconds,
                      "visual_tokens": run.visual_tokens, "baselines": run.baselines,
                      "group_counts": {g: v["n"] for g, v in run.report.get("groups", {}).items()}}
-                (run_dir / "compare_run.json").write_text(json.dumps({"key": key, "result": r}, indent=1))
+                _write_record(run_dir, key, train_key(cfg), r)
                 console.print(f"  accuracy {r['accuracy']:.3f} ({r['train_seconds']:.0f}s train)")
             results["runs"][name][str(seed)] = r
             (out / "compare.json").write_text(json.dumps(summarise(results), indent=2))
@@ -83,6 +95,54 @@ def run_key(cfg: RunConfig, questions: list | None) -> str:
     text = json.dumps(explicit_values(cfg), sort_keys=True, default=str)
     ids = [q.question_id for q in questions] if questions is not None else "embedded benchmark"
     return hashlib.sha256((text + json.dumps(ids)).encode()).hexdigest()
+
+
+def train_key(cfg: RunConfig) -> str:
+    """What a run's trained weights depend on: :func:`run_key`'s config without the ``eval`` block and the output
+    folder (the seed stays)."""
+    values = explicit_values(cfg)
+    values.pop("eval", None)
+    values.get("train", {}).pop("output_dir", None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _write_record(run_dir: Path, key: str, tkey: str, result: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "compare_run.json").write_text(json.dumps({"key": key, "train_key": tkey, "result": result}, indent=1))
+
+
+def trained_run(out: Path, tkey: str) -> Path | None:
+    """A run folder under ``out`` that trained its own model with the training settings ``tkey`` and kept it."""
+    for record in sorted(out.glob("*/compare_run.json")):
+        try:
+            data = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if (data.get("train_key") == tkey and "trained_in" not in data.get("result", {})
+                and (record.parent / "final").is_dir()):
+            return record.parent
+    return None
+
+
+def evaluate_trained_run(cfg: RunConfig, questions: list | None, trained: Path, run_dir: Path, progress: bool,
+                         template_fn=None) -> dict[str, Any]:
+    """Evaluate the model saved in ``trained/final`` as ``cfg``'s ``eval`` block says; results into ``run_dir``."""
+    import time
+    from types import SimpleNamespace
+
+    from vlweave.builder import load_checkpoint, load_processor
+    from vlweave.runs import evaluate_trained
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_checkpoint(trained / "final")
+    loaded = SimpleNamespace(model=model, tokenizer=tokenizer, processor=load_processor(trained / "final", tokenizer))
+    t0 = time.time()
+    accuracy, groups, report, blind = evaluate_trained(loaded, cfg, questions, run_dir, progress,
+                                                       template_fn=template_fn)
+    source = json.loads((trained / "compare_run.json").read_text())["result"]
+    return {"accuracy": accuracy, "groups": groups, "train_seconds": source["train_seconds"],
+            "eval_seconds": time.time() - t0, "visual_tokens": model.num_image_tokens, "baselines": blind,
+            "group_counts": {g: v["n"] for g, v in report.get("groups", {}).items()}, "trained_in": str(trained)}
 
 
 def finished_run(run_dir: Path, key: str) -> dict[str, Any] | None:
