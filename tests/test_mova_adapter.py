@@ -587,3 +587,39 @@ def test_trains_with_the_text_encoder_frozen_and_reloads(setup, tmp_path):
     model, tok = load_checkpoint(tmp_path / "run" / "final")
     assert all(torch.equal(v, model.connector.state_dict()[k]) for k, v in conn.state_dict().items())
     assert load_processor(tmp_path / "run" / "final", tok).text_ids([["What color is this?"]]) == [ids[0]]
+
+
+def test_training_kernels_switch_the_trained_attention_and_eager_equals_sdpa(setup):
+    """``train.attn_implementation`` on a MoVA model: the LM, the trained base tower, the gate's text encoder and
+    the adapter's own attention layers train on eager attention; frozen experts keep theirs; everything gets its own
+    kernel back; the adapter's eager attention computes what SDPA does."""
+    from vlweave.connectors.mova import Attention
+    from vlweave.train.attention import training_kernels
+
+    model, _ = build_model(setup["cfg"])
+    model.eval()
+    apply_tune_policy(model, StageConfig(name="s", tune={"vision": "frozen", "vision.base": "full",
+                                                         "connector": "full", "language": "frozen"}),
+                      setup["cfg"].train.lora)
+    feats = features(model, setup["images"])
+    proc = VlweaveProcessor.from_model(model, setup["tok"])
+    ctx = proc(text=["What colour is this?", "Say hi.", "What is the shape?"], images=setup["images"])["context"]
+    ctx.routing = ROUTING
+
+    def kernels():
+        return {"lm": model.language_model.config._attn_implementation,
+                "text": model.connector.text_encoder.model.config._attn_implementation,
+                **{name: t.config._attn_implementation for name, t in model.vision_towers.items()},
+                "adapter": {m.attn_implementation for m in model.modules() if isinstance(m, Attention)}}
+
+    before = kernels()
+    assert before["adapter"] == {"sdpa"} and before["lm"] == before["base"] == before["text"] == "sdpa"
+    with torch.no_grad():
+        want = model.connector(feats, ctx).tokens
+    with training_kernels(model, model.language_model, "eager"):
+        during = kernels()
+        with torch.no_grad():
+            got = model.connector(feats, ctx).tokens
+    assert during == {**before, "lm": "eager", "text": "eager", "base": "eager", "adapter": {"eager"}}
+    assert kernels() == before
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), float((got - want).abs().max())

@@ -8,7 +8,7 @@ import torch
 
 from helpers import finetune_stage, isolated_env, make_run
 from vlweave.config import ConfigError
-from vlweave.train.attention import attention_kernel, training_attention
+from vlweave.train.attention import training_attention, training_kernels
 from vlweave.train.trainer import Trainer
 
 
@@ -61,7 +61,7 @@ def test_attention_kernel_context_restores_on_error(tmp_path):
     lm = model.language_model
     before = lm.config._attn_implementation
     with pytest.raises(RuntimeError, match="boom"):
-        with attention_kernel(lm, "eager"):
+        with training_kernels(model, lm, "eager"):
             assert lm.config._attn_implementation == "eager"
             raise RuntimeError("boom")
     assert lm.config._attn_implementation == before

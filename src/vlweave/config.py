@@ -162,9 +162,10 @@ class TrainConfig:
     # auto | no | bf16 | fp16: auto = `accelerate launch`'s mixed_precision when launched, else bf16 where native
     # (and `bf16` above allows it); fp16 (loss scaling) on CUDA only.  See train/distributed.py.
     mixed_precision: str = "auto"
-    # The LM's attention kernel while training: auto (eager on CPU, where PyTorch's SDPA backward is slow: 0.74x
-    # step time in bench/bench_attention.py; the model's own elsewhere), model, sdpa or eager.  Evaluation and
-    # generation always use the model's own.
+    # The attention kernel while training (the LM, trained towers and text encoders, the MoV-Adapter's own
+    # attention): auto (eager on CPU, where PyTorch's SDPA backward is slow: 0.74x step time in
+    # bench/bench_attention.py; the model's own elsewhere), model, sdpa or eager.  Evaluation and generation
+    # always use the model's own.
     attn_implementation: str = "model"
     # Components that recompute activations in backward: language, vision (every tower), vision.<name>.
     gradient_checkpointing: list[str] = field(default_factory=list)

@@ -153,6 +153,9 @@ class Attention(nn.Module):
     def __init__(self, dim: int, kv_dim: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads = num_heads
+        # "sdpa" (PyTorch's kernel) or "eager" (the same softmax written out: its CPU backward is a few matmuls,
+        # not the slow SDPA one); the trainer switches it with the LM's (train.attn_implementation).
+        self.attn_implementation = "sdpa"
         inner = dim  # head_dim * num_heads = dim (head_dim = dim // num_heads)
         self.q_proj = nn.Linear(dim, inner, bias=False)
         self.k_proj = nn.Linear(kv_dim, inner, bias=False)
@@ -169,7 +172,11 @@ class Attention(nn.Module):
         cos, sin = rope
         q = apply_rope(q, cos, sin).to(v.dtype)
         k = apply_rope(k, cos, sin).to(v.dtype)
-        out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(d), as the reference
+        if self.attn_implementation == "eager":
+            weights = torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1, dtype=torch.float32)
+            out = weights.to(v.dtype) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(d), as the reference
         return self.proj(self.inner_attn_ln(out.transpose(1, 2).reshape(b, n, -1)))
 
 

@@ -1,4 +1,4 @@
-"""Which attention kernel the LM uses while it trains (``train.attn_implementation``).
+"""Which attention kernel the model's attention layers use while it trains (``train.attn_implementation``).
 
 On CPU, PyTorch's SDPA backward is slow for the short, padded sequences of LLaVA-style training: a profile of a
 MoVA step spent 29 % of its time in ``_scaled_dot_product_flash_attention_for_cpu_backward`` (185 ms per SmolLM2
@@ -6,6 +6,14 @@ layer for a [32, 9, 74, 64] batch whose forward took 22 ms).  transformers' eage
 function (softmax in fp32) and its backward is a few plain matmuls: ``bench/bench_attention.py`` measures the
 demo's whole training step at 0.74x (4 visual tokens) and 0.76x (64) with bf16 autocast, 1 thread.  Generation
 does not gain (eager 1.05-1.13x), so the kernel is switched only around training steps and given back after.
+
+What is switched (:func:`training_kernels`): the LM (gradients flow through it even when it is frozen), every other
+transformers model inside the VLM that has a trained parameter (a trained base tower, MoVA's gate text encoder;
+a frozen tower gets no backward, so it keeps its faster SDPA forward), and vlweave's own attention layers that
+declare an ``attn_implementation`` attribute (the MoV-Adapter's), which compute ``softmax(q k^T / sqrt(d)) v``
+explicitly under ``eager``.  A MoVA step (``mova-synthetic``) spent ~1.5 s in the SDPA backward of those two kinds
+after the LM was switched; with all of them, ``bench/bench_train_kernels.py`` measures its pretrain step at 0.69x
+and its finetune step at 0.75x of the model's own kernels.
 """
 
 from __future__ import annotations
@@ -31,15 +39,49 @@ def training_attention(choice: str, device: torch.device | str) -> str | None:
     return choice
 
 
+def switchable(model: nn.Module, lm: nn.Module) -> list[nn.Module]:
+    """The modules :func:`training_kernels` switches: ``lm``, each other transformers model in ``model`` with a
+    parameter that requires grad, and each vlweave module with an ``attn_implementation`` attribute."""
+    from transformers import PreTrainedModel
+
+    found = [lm]
+    inside_lm = {id(m) for m in lm.modules()}
+    for m in model.modules():
+        if id(m) in inside_lm:
+            continue
+        if isinstance(m, PreTrainedModel):
+            # not the VLM itself (or another model around the LM): switching it would switch every tower in it
+            if any(sub is lm for sub in m.modules()):
+                continue
+            if any(p.requires_grad for p in m.parameters()):
+                found.append(m)
+        elif not isinstance(m, PreTrainedModel) and hasattr(m, "attn_implementation"):
+            found.append(m)
+    return found
+
+
 @contextmanager
-def attention_kernel(lm: nn.Module, kernel: str | None) -> Iterator[None]:
-    """Run the block with ``lm`` (a transformers ``PreTrainedModel``) on ``kernel``, then give its own back."""
-    current = getattr(getattr(lm, "config", None), "_attn_implementation", None)
-    if kernel is None or current == kernel or not hasattr(lm, "set_attn_implementation"):
+def training_kernels(model: nn.Module, lm: nn.Module, kernel: str | None) -> Iterator[None]:
+    """Run the block with every :func:`switchable` module of ``model`` on ``kernel``, then give each its own back
+    (in reverse order, so a model nested in another is restored to what it had)."""
+    if kernel is None:
         yield
         return
-    lm.set_attn_implementation(kernel)
+    restore: list[tuple[nn.Module, str | None]] = []
     try:
+        for m in switchable(model, lm):
+            if isinstance(getattr(m, "attn_implementation", None), str) and not hasattr(m, "set_attn_implementation"):
+                restore.append((m, m.attn_implementation))
+                m.attn_implementation = kernel
+                continue
+            current = getattr(getattr(m, "config", None), "_attn_implementation", None)
+            if current != kernel and hasattr(m, "set_attn_implementation"):
+                m.set_attn_implementation(kernel)
+                restore.append((m, current))
         yield
     finally:
-        lm.set_attn_implementation(current)
+        for m, current in reversed(restore):
+            if hasattr(m, "set_attn_implementation"):
+                m.set_attn_implementation(current)
+            else:
+                m.attn_implementation = current

@@ -39,7 +39,7 @@ from vlweave.processing import IGNORE_INDEX, make_transform, pixels_by_tower
 from vlweave.processor import VlweaveProcessor
 from vlweave.safe_io import atomic_write_text
 from vlweave.train import checkpoints as ckpts
-from vlweave.train.attention import attention_kernel, training_attention
+from vlweave.train.attention import training_attention, training_kernels
 from vlweave.train.distributed import (
     configure_stage,
     enable_gradient_checkpointing,
@@ -452,7 +452,7 @@ class Trainer:
                 kernel = training_attention(cfg.train.attn_implementation, acc.device)
                 self.model.word_tie = stage.word_tie  # the align objective, this stage's steps only
                 try:
-                    with attention_kernel(self.model.language_model, kernel):
+                    with training_kernels(self.model, self.model.language_model, kernel):
                         self._run_stage(index, stage, loader, total, step, optimizer, scheduler)
                 except NonFiniteLossError as exc:  # keep the log of what happened beside the finite checkpoints
                     if self.is_main:
