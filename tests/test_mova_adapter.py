@@ -623,3 +623,62 @@ def test_training_kernels_switch_the_trained_attention_and_eager_equals_sdpa(set
     assert during == {**before, "lm": "eager", "text": "eager", "base": "eager", "adapter": {"eager"}}
     assert kernels() == before
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), float((got - want).abs().max())
+
+
+def test_serve_and_the_lmms_plugin_route_a_mova_checkpoint_as_eval_does(setup, tmp_path):
+    """`vlweave serve --routing` (one batch of image and text-only requests, and over HTTP) and the lmms-eval
+    plugin's ``routing`` give exactly the evaluator's one-by-one answers and routing decisions."""
+    from test_serve import KEY, LiveServer, data_url  # the live uvicorn server of tests/test_serve.py
+
+    from vlweave.data.questions import Question
+    from vlweave.eval.vqa import generate_answers
+    from vlweave.integrations import lmms_eval as plugin
+    from vlweave.language.routing import RoutingError
+    from vlweave.serve.generation import Prompt, generate_batch
+    from vlweave.serve.protocol import ServeLimits
+
+    model, tok = setup["model"], setup["tok"]
+    folder = save_checkpoint(model, tok, tmp_path / "ckpt", processor=VlweaveProcessor.from_model(model, tok))
+    paths = []
+    for k, image in enumerate(setup["images"]):
+        paths.append(tmp_path / f"img{k}.png")
+        image.save(paths[-1])
+    texts = ["What colour is this?", "What is the shape?", "Say hi.", "What colour is this?"]
+    qs = [Question(question_id=f"q{k}", text=t, image=None if k == 2 else str(paths[k % 3])) for k, t in enumerate(texts)]
+    loaded, ltok = load_checkpoint(folder)
+    proc = load_processor(folder, ltok)
+    want = {}
+    for mode in ("model", "A", "none"):
+        decisions: list = []
+        want[mode] = generate_answers(loaded, ltok, qs, batch_size=1, max_new_tokens=3, progress=False,
+                                      processor=proc, routing=mode, decisions=decisions)
+        prompts = [Prompt(input_ids=proc.encode_question(q.text, q.has_image, sample_id=str(q.question_id)),
+                          image=Image.open(q.image).convert("RGB") if q.has_image else None, texts=[q.text],
+                          max_new_tokens=3) for q in qs]
+        got = generate_batch(loaded, proc, prompts, routing=mode)  # one batch: routed rows and a text-only row
+        assert [c.text for c in got] == want[mode], mode
+        assert [c.routing for c in got] == [None if d is None else d.to_json() for d in decisions], mode
+    assert want["A"] != want["none"]  # the routing changes the answers, so the equalities above can fail
+
+    # the lmms-eval plugin: generation requests routed as `vlweave eval --routing A`
+    docs = [{"id": k, "image": None if q.image is None else q.image, "question": q.text} for k, q in enumerate(qs)]
+    lm = plugin.VlweaveLMM(pretrained=str(folder), routing="A", batch_size=2)
+    lm.task_dict = {"tiny": {"test": docs}}
+    visual = (lambda d: [Image.open(d["image"]).convert("RGB")] if d["image"] else [])
+    requests = [type("I", (), {"args": (d["question"], {"max_new_tokens": 3}, visual, d["id"], "tiny", "test")})()
+                for d in docs]
+    assert lm.generate_until(requests) == want["A"]
+    with pytest.raises(RoutingError, match="'Q'"):
+        plugin.VlweaveLMM(pretrained=str(folder), routing="Q")
+
+    # over HTTP: the answer and, as vlweave's extension field, its routing
+    srv = LiveServer(folder, ServeLimits(), routing="A")
+    try:
+        content = [{"type": "image_url", "image_url": {"url": data_url(paths[0].read_bytes())}},
+                   {"type": "text", "text": texts[0]}]
+        reply = srv.client(KEY).chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                                        max_tokens=3, temperature=0)
+        assert reply.choices[0].message.content == want["A"][0]
+        assert reply.model_extra["routing"]["experts"] == ["doc"] and reply.model_extra["routing"]["bits"] == [1, 0]
+    finally:
+        srv.close()

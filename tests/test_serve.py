@@ -320,7 +320,7 @@ def test_a_failing_batch_fails_only_its_culprit(monkeypatch):
 
     calls = []
 
-    def fake_generate(model, processor, prompts, features=None):
+    def fake_generate(model, processor, prompts, features=None, routing=None, routing_seed=0):
         calls.append(len(prompts))
         if any(p.input_ids == [666] for p in prompts):
             raise RuntimeError("boom")
@@ -357,3 +357,6 @@ def test_serve_command_builds_the_engine_from_its_flags(checkpoint, monkeypatch,
         engine.batcher.close()
     assert main(["serve", str(folder), "--allow-image-dir", str(tmp_path / "nope")]) == 2
     assert "not a folder" in capsys.readouterr().err
+    # --routing is for routed (MoVA) checkpoints: this one's connector does not route
+    assert main(["serve", str(folder), "--routing", "A"]) == 2
+    assert "does not route between experts" in capsys.readouterr().err

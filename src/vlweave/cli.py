@@ -321,7 +321,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     engine = Engine(model, load_processor(args.checkpoint, tokenizer),
                     model_name=args.model_name or Path(args.checkpoint).resolve().name, limits=limits,
                     max_batch=args.max_batch, window_s=args.batch_window_ms / 1000.0,
-                    feature_cache_images=args.feature_cache_images, default_temperature=args.default_temperature)
+                    feature_cache_images=args.feature_cache_images, default_temperature=args.default_temperature,
+                    routing=args.routing, routing_seed=args.routing_seed)
     api_key = args.api_key or os.environ.get("VLWEAVE_API_KEY") or None
     print(f"serving {engine.model_name!r} on http://{args.host}:{args.port}/v1 "
           f"({'API key required' if api_key else 'no API key'})", file=sys.stderr)
@@ -577,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-image-dir", action="append", default=[], metavar="FOLDER",
                    help="allow image_url parts naming local files under FOLDER (repeatable; default: none)")
     s.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (default: refused)")
+    _routing_arguments(s)
     s.set_defaults(func=_cmd_serve)
 
     x = sub.add_parser("export", help="write a checkpoint as HF llava, a LoRA adapter (peft), or merge an adapter",

@@ -168,7 +168,7 @@ def generate_answers(
         present = [p for p in images if p is not None]
         if present and pool is not None:
             with_image = [i for i, p in zip(idx, images) if p is not None]
-            kwargs.update(_routed_inputs(model, processor, pool, routing, store if cached else None,
+            kwargs.update(routed_inputs(model, processor, pool, routing, store if cached else None,
                                          [p for p in rows if p is not None], [questions[i] for i in with_image],
                                          [fixed.get(i) for i in with_image], batch["context"], device,
                                          template=template, system_prompt=system_prompt, stops=stops, bf16=bf16))
@@ -193,7 +193,7 @@ def generate_answers(
     return answers
 
 
-def _routed_inputs(model, processor, pool, routing: str, store, images: list, questions: list, fixed: list, context,
+def routed_inputs(model, processor, pool, routing: str, store, images: list, questions: list, fixed: list, context,
                    device, *, template, system_prompt, stops, bf16: bool) -> dict[str, Any]:
     """The answer pass's visual inputs of one routed batch: base features once (cache or tower), the routing
     decisions (the LM's routing pass, or the fixed ones) written into ``context.routing``, and each expert's

@@ -67,6 +67,9 @@ class VlweaveLMM:
     ``device``: ``cpu`` (default when no GPU), ``cuda``, ``cuda:N``.  ``dtype``: float32 | bfloat16 | float16.
     ``max_new_tokens``: used when a task's ``generation_kwargs`` has none.  ``ll_convention``: ``logprob``
     (default: the summed log-probability) or ``nll`` (its negation, for lmms-eval's ``multiple_choice`` argmin).
+    ``routing`` (routed, i.e. MoVA, checkpoints): ``model`` (the LM's routing pass per question, as ``vlweave eval
+    --routing model``) or a fixed mode (``all``, ``none``, ``random`` with ``routing_seed``, letters like ``A,C``)
+    for generation requests; log-likelihood requests run with every expert (no routing pass).
     ``max_batch_size`` is accepted because lmms-eval always passes it, and unused.
     """
 
@@ -75,11 +78,11 @@ class VlweaveLMM:
     def __init__(self, pretrained: str, batch_size: int | str = 1, device: str | None = None,
                  max_batch_size: int | None = None, dtype: str = "float32",
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, ll_convention: str = "logprob",
-                 **unknown: Any) -> None:
+                 routing: str | None = None, routing_seed: int = 0, **unknown: Any) -> None:
         super().__init__()
         if unknown:
             raise TypeError(f"vlweave: unknown model_args {sorted(unknown)}; expected pretrained, batch_size, "
-                            "device, dtype, max_new_tokens, ll_convention")
+                            "device, dtype, max_new_tokens, ll_convention, routing, routing_seed")
         from vlweave.builder import load_checkpoint, load_processor
 
         if dtype not in _DTYPES:
@@ -92,6 +95,11 @@ class VlweaveLMM:
         self.model, self.tokenizer = load_checkpoint(pretrained, dtype=_DTYPES[dtype])
         # The checkpoint's processor (prompts, <image> expansion, per-tower pixels); it shares the loaded tokenizer.
         self.processor = load_processor(pretrained, self.tokenizer)
+        self.routing, self.routing_seed = routing or None, int(routing_seed)
+        if self.routing is not None:
+            from vlweave.language.routing import RoutingPool, check_routing_mode
+
+            check_routing_mode(self.routing, RoutingPool.from_connector(self.model.connector))
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self._device)
         self.pretrained = str(pretrained)
@@ -168,7 +176,8 @@ class VlweaveLMM:
         for max_new, members in groups.items():
             answers = generate_answers(self.model, self.tokenizer, [q for _, q, _ in members],
                                        batch_size=self.batch_size, max_new_tokens=max_new, progress=False,
-                                       processor=self.processor)
+                                       processor=self.processor, routing=self.routing,
+                                       routing_seed=self.routing_seed)
             for (i, _, until), answer in zip(members, answers):
                 out[i] = cut_at_stop(answer, until)
         return out

@@ -39,10 +39,11 @@ class _Job:
 
 class Batcher:
     def __init__(self, model, processor, *, max_batch: int = 8, window_s: float = 0.01,
-                 features: FeatureLRU | None = None) -> None:
+                 features: FeatureLRU | None = None, routing: str | None = None, routing_seed: int = 0) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.processor, self.features = model, processor, features
+        self.routing, self.routing_seed = routing, routing_seed  # a routed (MoVA) model's mode, or None
         self.max_batch, self.window_s = max_batch, window_s
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self.batches: list[int] = []  # sizes of the generate batches run so far (for tests and the bench)
@@ -88,7 +89,8 @@ class Batcher:
                 continue
             self.batches.append(len(jobs))
             try:
-                results = generate_batch(self.model, self.processor, [j.prompt for j in jobs], self.features)
+                results = generate_batch(self.model, self.processor, [j.prompt for j in jobs], self.features,
+                                         self.routing, self.routing_seed)
             except Exception:  # noqa: BLE001 -- isolate the failing request(s) below
                 log.exception("batch of %d failed; retrying one by one", len(jobs))
                 for j in jobs:
@@ -102,7 +104,8 @@ class Batcher:
 
     def _one(self, job: _Job) -> None:
         try:
-            (result,) = generate_batch(self.model, self.processor, [job.prompt], self.features)
+            (result,) = generate_batch(self.model, self.processor, [job.prompt], self.features, self.routing,
+                                       self.routing_seed)
         except Exception as exc:  # noqa: BLE001 -- reported to this request only
             log.exception("request failed")
             job.future.set_exception(exc)

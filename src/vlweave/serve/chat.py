@@ -101,7 +101,8 @@ class ChatSession:
 
     def _ask_routed(self, text: str, ids: list[int]) -> str:
         """Route this question (the LM's routing pass on the cached base features, or the fixed mode), then answer
-        greedily with the chosen experts only (routed chat is greedy; the server does not route yet)."""
+        greedily with the chosen experts only (routed chat is greedy; the server routes a batch of requests the same
+        way, serve/generation.py)."""
         if self.routing == "model":
             (decision,) = route_batch(self.model, self.processor, self.pool, [text], self.base_features,
                                       stop_ids=stop_token_ids(self.tokenizer))

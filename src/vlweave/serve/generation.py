@@ -13,6 +13,12 @@ the server's batched answers equal ``vlweave chat``'s one-by-one answers (tests/
 Images go in as pixels (:meth:`VlweaveProcessor.pixel_values`), or as the connector's prepared features when a
 :class:`FeatureLRU` is given (an image sent again is not run through the towers again; the features are exactly
 what the pixel path computes inside the model, ``model.prepare_tower_features``).
+
+A routed connector (MoVA) with a ``routing`` mode is answered as ``vlweave eval`` answers it: the base tower once,
+then the LM's batched routing pass over the image prompts (``"model"``; the question routed is the last user
+turn) or the fixed decision, then the answer pass with each expert run on its routed rows only
+(:func:`vlweave.eval.vqa.routed_inputs`, the evaluator's own code).  Those prompts bypass the feature cache:
+which experts an image needs is only known after its routing pass.  Each completion carries its decision.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ class Completion:
     finish_reason: str  # "stop" (end-of-turn token or a stop string) | "length"
     prompt_tokens: int
     completion_tokens: int
+    routing: dict[str, Any] | None = None  # a routed model's decision for this prompt (RoutingDecision.to_json())
 
 
 def image_key(image: Image.Image) -> str:
@@ -169,29 +176,39 @@ class _RowStops(StoppingCriteria):
 
 @torch.no_grad()
 def generate_batch(model, processor: VlweaveProcessor, prompts: Sequence[Prompt],
-                   features: FeatureLRU | None = None) -> list[Completion]:
-    """Answers for ``prompts`` (one ``generate`` call per sampling setting), in order.  See the module docstring."""
+                   features: FeatureLRU | None = None, routing: str | None = None,
+                   routing_seed: int = 0) -> list[Completion]:
+    """Answers for ``prompts`` (one ``generate`` call per sampling setting), in order.  ``routing``: a routed
+    model's mode (``model``, ``all``, ``none``, ``random``, letters), see the module docstring."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(prompts):
         key = ("video", i) if p.video is not None else p.sampling_key()
         groups.setdefault(key, []).append(i)
     out: list[Completion | None] = [None] * len(prompts)
     for idx in groups.values():
-        for i, c in zip(idx, _generate_group(model, processor, [prompts[i] for i in idx], features)):
+        for i, c in zip(idx, _generate_group(model, processor, [prompts[i] for i in idx], features, routing,
+                                             routing_seed)):
             out[i] = c
     return out  # type: ignore[return-value]
 
 
 def _generate_group(model, processor: VlweaveProcessor, prompts: Sequence[Prompt],
-                    features: FeatureLRU | None) -> list[Completion]:
+                    features: FeatureLRU | None, routing: str | None = None,
+                    routing_seed: int = 0) -> list[Completion]:
     tokenizer = processor.tokenizer
     images = [p.image for p in prompts]
+    routed = routing is not None and any(im is not None for im in images) and prompts[0].video is None
     batch = processor.collate([{"input_ids": p.input_ids} for p in prompts], images, padding_side="left",
-                              texts=[p.texts for p in prompts], pixel_values=features is None)
+                              texts=[p.texts for p in prompts], pixel_values=features is None and not routed)
     device = next(model.parameters()).device
     kwargs: dict[str, Any] = {"context": batch["context"]}
     present = [(p.image_key or image_key(p.image), p.image) for p in prompts if p.image is not None]
-    if present and features is not None:
+    decisions: list[Any] = [None] * len(prompts)
+    eos = stop_token_ids(tokenizer)
+    if routed:
+        kwargs.update(_routed_kwargs(model, processor, prompts, routing, routing_seed, batch["context"], device, eos,
+                                     decisions))
+    elif present and features is not None:
         kwargs["vision_features"] = features.features([k for k, _ in present], [im for _, im in present])
     elif present:
         kwargs["pixel_values"] = {t: v.to(device) for t, v in batch["pixel_values"].items()}
@@ -202,7 +219,6 @@ def _generate_group(model, processor: VlweaveProcessor, prompts: Sequence[Prompt
         kwargs.update(do_sample=True, temperature=sample[1], top_p=sample[2], top_k=0)
     else:
         kwargs.update(do_sample=False)
-    eos = stop_token_ids(tokenizer)
     ids = batch["input_ids"]
     stops = _RowStops(tokenizer, prompts, eos)
     model.generate(ids.to(device), attention_mask=batch["attention_mask"].to(device),
@@ -213,8 +229,31 @@ def _generate_group(model, processor: VlweaveProcessor, prompts: Sequence[Prompt
         stops.texts[r] = stops.texts[r].strip()
         stops._emit(r, final=True)
         results.append(Completion(text=stops.texts[r], finish_reason=stops.finish[r],
-                                  prompt_tokens=len(p.input_ids), completion_tokens=len(stops.tokens[r])))
+                                  prompt_tokens=len(p.input_ids), completion_tokens=len(stops.tokens[r]),
+                                  routing=None if decisions[r] is None else decisions[r].to_json()))
     return results
+
+
+def _routed_kwargs(model, processor: VlweaveProcessor, prompts: Sequence[Prompt], routing: str, routing_seed: int,
+                   context, device, eos: Sequence[int], decisions: list[Any]) -> dict[str, Any]:
+    """The answer pass's visual inputs for the image prompts of a routed batch (the evaluator's two passes); their
+    decisions are written into ``decisions`` (by prompt position)."""
+    from types import SimpleNamespace
+
+    from vlweave.eval.vqa import routed_inputs
+    from vlweave.language.routing import RoutingPool, fixed_routing
+
+    pool = RoutingPool.from_connector(model.connector)
+    with_image = [r for r, p in enumerate(prompts) if p.image is not None]
+    questions = [SimpleNamespace(text=(prompts[r].texts or [""])[-1], question_id=f"request:{r}") for r in with_image]
+    fixed = [None if routing == "model" else
+             fixed_routing(routing, pool, prompts[r].image_key or image_key(prompts[r].image), routing_seed)
+             for r in with_image]
+    out = routed_inputs(model, processor, pool, routing, None, [prompts[r].image for r in with_image], questions,
+                         fixed, context, device, template=None, system_prompt=None, stops=eos, bf16=False)
+    for r, d in zip(with_image, context.guidance.pop("routing_decisions")):
+        decisions[r] = d
+    return out
 
 
 __all__ = ["Completion", "FeatureLRU", "Prompt", "generate_batch", "image_key"]

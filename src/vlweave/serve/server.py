@@ -46,8 +46,13 @@ class Engine:
 
     def __init__(self, model, processor, *, model_name: str, limits: ServeLimits | None = None,
                  max_batch: int = 8, window_s: float = 0.01, feature_cache_images: int = 256,
-                 default_temperature: float = 0.0) -> None:
+                 default_temperature: float = 0.0, routing: str | None = None, routing_seed: int = 0) -> None:
         self.model = model.eval()
+        if routing is not None:  # a routed (MoVA) model: each image request is routed as `vlweave eval` does
+            from vlweave.language.routing import RoutingPool, check_routing_mode
+
+            check_routing_mode(routing, RoutingPool.from_connector(model.connector))
+        self.routing = routing
         self.processor = processor
         self.model_name = model_name
         self.limits = limits or ServeLimits()
@@ -57,7 +62,8 @@ class Engine:
             raise ValueError("max_images > 1: vlweave models read one image per conversation")
         features = FeatureLRU(model, processor, feature_cache_images) if feature_cache_images > 0 else None
         self.features = features
-        self.batcher = Batcher(model, processor, max_batch=max_batch, window_s=window_s, features=features)
+        self.batcher = Batcher(model, processor, max_batch=max_batch, window_s=window_s, features=features,
+                               routing=routing, routing_seed=routing_seed)
         self.created = int(time.time())
 
     def prompt(self, req: ChatRequest) -> Prompt:
@@ -156,6 +162,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                          "finish_reason": result.finish_reason}],
             "usage": _usage(result),
+            # vlweave's extension for routed models: which experts answered (clients keep unknown fields)
+            **({"routing": result.routing} if result.routing is not None else {}),
         }
 
     return app
