@@ -48,6 +48,10 @@ def test_compare_two_connectors_two_seeds(tmp_path, capsys):
     assert all(set(b) == {"blind_majority", "blind_per_template"} for b in data["baselines"].values())
     printed = capsys.readouterr().out
     assert "blind:" in printed and "what color?" in printed  # the baseline columns, a template row
+    md = (out / "compare.md").read_text().splitlines()  # the same table in Markdown
+    assert md[2].startswith("| group | n | ") and md[2].endswith("| blind: majority | blind: per template |")
+    s0 = data["summary"][paths[0]]["accuracy"]
+    assert md[4].startswith(f"| all | 6 | {s0['mean']:.3f} ± {s0['std']:.3f} | ")
     # different seeds train different models (different init and data order)
     first = data["runs"][paths[0]]
     assert first["0"]["train_seconds"] > 0

@@ -58,7 +58,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     seeds = list(range(args.seeds)) if args.seed_list is None else args.seed_list
     compare(args.configs, seeds, args.output, overrides=args.set)
-    print(f"results: {Path(args.output) / 'compare.json'}, chart: {Path(args.output) / 'compare.png'}", file=sys.stderr)
+    out = Path(args.output)
+    print(f"results: {out / 'compare.json'}, table: {out / 'compare.md'}, chart: {out / 'compare.png'}", file=sys.stderr)
     return 0
 
 

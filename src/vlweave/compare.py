@@ -2,8 +2,8 @@
 
 Every configuration is trained with the same data, steps and seeds, and evaluated on the same questions (the first
 configuration's ``eval`` section, a fixed seeded subset).  Output: a table of mean +- std per configuration and
-question group, ``compare.json`` with every number (per seed too) and ``compare.png`` (bar chart with std error
-bars).  A new connector joins a comparison by config alone.
+question group, ``compare.json`` with every number (per seed too), ``compare.md`` (the table in Markdown) and
+``compare.png`` (bar chart with std error bars).  A new connector joins a comparison by config alone.
 
 A finished run is reused: each run folder keeps its numbers in ``compare_run.json`` beside the resolved config it
 was trained with, and a later ``compare`` into the same output folder skips a (config, seed) whose resolved config
@@ -85,6 +85,7 @@ def compare(configs: list[str], seeds: list[int], out_dir: str | Path, overrides
     results = summarise(results)
     (out / "compare.json").write_text(json.dumps(results, indent=2))
     print_table(results)
+    (out / "compare.md").write_text(markdown_table(results))
     plot(results, out / "compare.png")
     return results
 
@@ -185,32 +186,49 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     return {**results, "summary": summary, "baselines": baselines, "group_counts": counts}
 
 
-def print_table(results: dict[str, Any]) -> None:
-    """One row per question group (all questions first), one column per config (mean +- std over seeds), then the
-    two blind baselines: the groups can be many (question templates), the configs are few."""
+def table_rows(results: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
+    """(title, header, rows) of the comparison table: one row per question group (all questions first), one column
+    per config (mean +- std over seeds), then the two blind baselines -- the groups can be many (question
+    templates), the configs are few.  The printed table and ``compare.md`` are this."""
     summary = results["summary"]
     groups = sorted({g for s in summary.values() for g in s["groups"]})
     counts = results.get("group_counts", {})
     blind = results.get("baselines", {})
-    table = Table(title=f"compare: {results['n_questions']} questions of {results['eval_data']}, "
-                        f"seeds {results['seeds']} (mean +- std)")
-    table.add_column("group")
-    table.add_column("n", justify="right")
-    for name in summary:
-        table.add_column(name, justify="right")
+    title = (f"compare: {results['n_questions']} questions of {results['eval_data']}, seeds {results['seeds']} "
+             "(mean +- std)")
     keys = [k for k in ("blind_majority", "blind_per_template") if any(k in b for b in blind.values())]
-    for k in keys:
-        table.add_column("blind: " + ("majority" if k == "blind_majority" else "per template"), justify="right")
+    header = ["group", "n", *summary, *("blind: " + ("majority" if k == "blind_majority" else "per template")
+                                        for k in keys)]
     fmt = lambda m: f"{m['mean']:.3f}+-{m['std']:.3f}"  # noqa: E731
+    rows = []
     for g in ["accuracy", *groups]:
         cells = [fmt(s["accuracy"] if g == "accuracy" else s["groups"][g]) if g == "accuracy" or g in s["groups"]
                  else "-" for s in summary.values()]
         b = [f"{blind[g][k]:.3f}" if k in blind.get(g, {}) else "-" for k in keys]
-        table.add_row("all" if g == "accuracy" else g, str(counts.get(g, results["n_questions"] if g == "accuracy"
-                                                                     else "")), *cells, *b)
-    table.add_row("visual tokens", "", *[str(s["visual_tokens"]) for s in summary.values()], *[""] * len(keys))
-    table.add_row("train s", "", *[f"{s['train_seconds']['mean']:.0f}" for s in summary.values()], *[""] * len(keys))
+        rows.append(["all" if g == "accuracy" else g,
+                     str(counts.get(g, results["n_questions"] if g == "accuracy" else "")), *cells, *b])
+    rows.append(["visual tokens", "", *[str(s["visual_tokens"]) for s in summary.values()], *[""] * len(keys)])
+    rows.append(["train s", "", *[f"{s['train_seconds']['mean']:.0f}" for s in summary.values()], *[""] * len(keys)])
+    return title, header, rows
+
+
+def print_table(results: dict[str, Any]) -> None:
+    """:func:`table_rows` as a rich table on stdout."""
+    title, header, rows = table_rows(results)
+    table = Table(title=title)
+    for k, col in enumerate(header):
+        table.add_column(col, justify="left" if k == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """:func:`table_rows` as a Markdown table (``compare.md``), to paste into a report."""
+    title, header, rows = table_rows(results)
+    lines = [f"{title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("+-", " ± ") for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
