@@ -16,7 +16,7 @@ from vlweave.train.trainer import make_transform
 from vlweave.vision.cache import load_image
 
 
-def bench_parser(doc: str, *, batch_size: int = 8, image_size: int | None = None,
+def bench_parser(doc: str, *, batch_size: int | None = 8, image_size: int | None = None,
                  reps_help: str = "timed repetitions per variant (after one warm-up)") -> argparse.ArgumentParser:
     """``--batch-size``, ``--reps``, ``--threads``, ``--json`` (and ``--image-size`` when given a default); a
     bench adds its own arguments and calls :func:`parse`."""

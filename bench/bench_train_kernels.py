@@ -27,7 +27,7 @@ SETTINGS = ("model", "auto")
 
 
 def main(argv=None) -> int:
-    ap = bench_parser(__doc__)
+    ap = bench_parser(__doc__, batch_size=None)  # no --batch-size: each stage's own
     ap.add_argument("--config", default="mova-synthetic")
     ap.add_argument("--steps", type=int, default=4, help="steps per stage per round (the first is a warm-up)")
     ap.add_argument("--rounds", type=int, default=2)
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
             for setting in SETTINGS:
                 sets = [f"train.attn_implementation={setting}", f"train.output_dir={Path(tmp) / f'{setting}-{r}'}"]
                 sets += [f"train.stages.{i}.max_steps={args.steps}" for i in range(len(base.train.stages))]
-                if args.batch_size != 8:  # the parser's default: keep each stage's own batch size
+                if args.batch_size is not None:
                     sets += [f"train.stages.{i}.batch_size={args.batch_size}" for i in range(len(base.train.stages))]
                 trainer = Trainer(RunConfig.load(preset_path(args.config), sets), progress=False)
                 trainer.train()

@@ -60,16 +60,16 @@ def compare(configs: list[str], seeds: list[int], out_dir: str | Path, overrides
         for name in configs:
             cfg = RunConfig.load(preset_path(name), (overrides or []) + [f"train.seed={seed}"])
             run_dir = out / f"{Path(name).stem}-seed{seed}"
-            key = run_key(cfg, questions)
+            key, tkey = run_key(cfg, questions), train_key(cfg)
             r = finished_run(run_dir, key)
-            trained = trained_run(out, train_key(cfg)) if r is None else None
+            trained = trained_run(out, tkey) if r is None else None
             if r is not None:
                 console.print(f"[bold]compare[/bold] {name} seed {seed}: finished run reused ({run_dir})")
             elif trained is not None:
                 console.print(f"[bold]compare[/bold] {name} seed {seed}: evaluating the model trained in {trained} "
                               "(same training settings)")
                 r = evaluate_trained_run(cfg, questions, trained, run_dir, progress, template_fn)
-                _write_record(run_dir, key, train_key(cfg), r)
+                _write_record(run_dir, key, tkey, r)
                 console.print(f"  accuracy {r['accuracy']:.3f}")
             else:
                 console.print(f"[bold]compare[/bold] {name} seed {seed}")
@@ -78,7 +78,7 @@ def compare(configs: list[str], seeds: list[int], out_dir: str | Path, overrides
                      "train_seconds": run.setup_seconds + run.train_seconds, "eval_seconds": run.eval_seconds,
                      "visual_tokens": run.visual_tokens, "baselines": run.baselines,
                      "group_counts": {g: v["n"] for g, v in run.report.get("groups", {}).items()}}
-                _write_record(run_dir, key, train_key(cfg), r)
+                _write_record(run_dir, key, tkey, r)
                 console.print(f"  accuracy {r['accuracy']:.3f} ({r['train_seconds']:.0f}s train)")
             results["runs"][name][str(seed)] = r
             (out / "compare.json").write_text(json.dumps(summarise(results), indent=2))

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from vlweave.data.collate import pad_batch
 from vlweave.data.questions import ImageSource, Question
 from vlweave.hardware import bf16_available
-from vlweave.language.routing import RoutingPool, check_routing_mode, fixed_routing, route_batch
+from vlweave.language.routing import fixed_routing, route_batch, routing_pool
 from vlweave.processing import load_image
 from vlweave.processor import VlweaveProcessor
 from vlweave.safe_io import atomic_write_text, disk_full_guard
@@ -128,10 +128,7 @@ def generate_answers(
     question order."""
     model.eval()
     processor = processor if processor is not None else VlweaveProcessor.from_model(model, tokenizer)
-    pool = None
-    if routing is not None:
-        pool = RoutingPool.from_connector(model.connector)
-        check_routing_mode(routing, pool)
+    pool = routing_pool(model, routing) if routing is not None else None
     texts = [q.text + prompt_suffix for q in questions]
     prompts = [processor.encode_question(t, q.has_image, template=template, system_prompt=system_prompt,
                                          sample_id=str(q.question_id)) for t, q in zip(texts, questions)]

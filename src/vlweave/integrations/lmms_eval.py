@@ -97,9 +97,9 @@ class VlweaveLMM:
         self.processor = load_processor(pretrained, self.tokenizer)
         self.routing, self.routing_seed = routing or None, int(routing_seed)
         if self.routing is not None:
-            from vlweave.language.routing import RoutingPool, check_routing_mode
+            from vlweave.language.routing import routing_pool
 
-            check_routing_mode(self.routing, RoutingPool.from_connector(self.model.connector))
+            routing_pool(self.model, self.routing)  # a model that does not route, or a bad mode: refused here
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self._device)
         self.pretrained = str(pretrained)

@@ -192,6 +192,14 @@ def check_routing_mode(mode: str, pool: RoutingPool) -> None:
     fixed_bits(mode, pool)
 
 
+def routing_pool(model: Any, mode: str) -> RoutingPool:
+    """The routing pool of ``model`` for a ``--routing`` mode: a clear error for a model that does not route or a
+    mode it cannot take (what eval, chat, the server and the lmms-eval plugin check before any work)."""
+    pool = RoutingPool.from_connector(model.connector)
+    check_routing_mode(mode, pool)
+    return pool
+
+
 def fixed_bits(mode: str, pool: RoutingPool) -> list[int]:
     """Bits of an explicit list (``A,C`` or ``docs,scenes``) or of ``all``/``none``."""
     if mode == "all":
@@ -307,5 +315,5 @@ def connector_routes(model: Any) -> bool:
 __all__ = [
     "MAX_EXPERTS", "MAX_ROUTING_TOKENS", "ROUTING_INSTRUCTION", "ROUTING_MODES", "RoutingDecision", "RoutingError",
     "RoutingPool", "RoutingStats", "check_routing_mode", "connector_routes", "decision_from_answer", "fixed_bits",
-    "fixed_routing", "parse_routing_answer", "route_batch", "routing_bits", "routing_prompt_ids", "routing_report",
+    "fixed_routing", "parse_routing_answer", "route_batch", "routing_bits", "routing_pool", "routing_prompt_ids", "routing_report",
 ]

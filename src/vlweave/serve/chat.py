@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from vlweave.eval.vqa import check_prompt_lengths, stop_token_ids
-from vlweave.language.routing import RoutingPool, check_routing_mode, fixed_routing, route_batch
+from vlweave.language.routing import fixed_routing, route_batch, routing_pool
 from vlweave.processing import IMAGE_TOKEN, load_image, make_transform
 from vlweave.processor import VlweaveProcessor
 from vlweave.serve.generation import Prompt, generate_batch
@@ -51,8 +51,7 @@ class ChatSession:
         if routing is not None:
             if video:
                 raise ValueError("--routing applies to an image chat, not a video")
-            self.pool = RoutingPool.from_connector(model.connector)
-            check_routing_mode(routing, self.pool)
+            self.pool = routing_pool(model, routing)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.processor = processor if processor is not None else VlweaveProcessor.from_model(model, tokenizer)
         self.max_new_tokens = max_new_tokens

@@ -49,10 +49,9 @@ class Engine:
                  default_temperature: float = 0.0, routing: str | None = None, routing_seed: int = 0) -> None:
         self.model = model.eval()
         if routing is not None:  # a routed (MoVA) model: each image request is routed as `vlweave eval` does
-            from vlweave.language.routing import RoutingPool, check_routing_mode
+            from vlweave.language.routing import routing_pool
 
-            check_routing_mode(routing, RoutingPool.from_connector(model.connector))
-        self.routing = routing
+            routing_pool(model, routing)  # refuse a model that does not route, or a bad mode, before serving
         self.processor = processor
         self.model_name = model_name
         self.limits = limits or ServeLimits()

@@ -44,7 +44,7 @@ def switchable(model: nn.Module, lm: nn.Module) -> list[nn.Module]:
     parameter that requires grad, and each vlweave module with an ``attn_implementation`` attribute."""
     from transformers import PreTrainedModel
 
-    found = [lm]
+    found = [lm] if hasattr(lm, "set_attn_implementation") else []  # an LM that cannot switch keeps its kernel
     inside_lm = {id(m) for m in lm.modules()}
     for m in model.modules():
         if id(m) in inside_lm:
@@ -55,9 +55,23 @@ def switchable(model: nn.Module, lm: nn.Module) -> list[nn.Module]:
                 continue
             if any(p.requires_grad for p in m.parameters()):
                 found.append(m)
-        elif not isinstance(m, PreTrainedModel) and hasattr(m, "attn_implementation"):
+        elif hasattr(m, "attn_implementation"):
             found.append(m)
     return found
+
+
+def _kernel(m: nn.Module) -> str | None:
+    """A switchable module's kernel: a transformers model's config value, or a vlweave module's own attribute."""
+    if hasattr(m, "set_attn_implementation"):
+        return getattr(getattr(m, "config", None), "_attn_implementation", None)
+    return m.attn_implementation
+
+
+def _set_kernel(m: nn.Module, kernel: str | None) -> None:
+    if hasattr(m, "set_attn_implementation"):
+        m.set_attn_implementation(kernel)
+    else:
+        m.attn_implementation = kernel
 
 
 @contextmanager
@@ -70,18 +84,11 @@ def training_kernels(model: nn.Module, lm: nn.Module, kernel: str | None) -> Ite
     restore: list[tuple[nn.Module, str | None]] = []
     try:
         for m in switchable(model, lm):
-            if isinstance(getattr(m, "attn_implementation", None), str) and not hasattr(m, "set_attn_implementation"):
-                restore.append((m, m.attn_implementation))
-                m.attn_implementation = kernel
-                continue
-            current = getattr(getattr(m, "config", None), "_attn_implementation", None)
-            if current != kernel and hasattr(m, "set_attn_implementation"):
-                m.set_attn_implementation(kernel)
+            current = _kernel(m)
+            if current != kernel:
+                _set_kernel(m, kernel)
                 restore.append((m, current))
         yield
     finally:
         for m, current in reversed(restore):
-            if hasattr(m, "set_attn_implementation"):
-                m.set_attn_implementation(current)
-            else:
-                m.attn_implementation = current
+            _set_kernel(m, current)
