@@ -7,7 +7,9 @@
 #   worker B, meanwhile: single encoder and plain fusion, 3 seeds;
 #   then mova-compare-all seeds 1 and 2 side by side, and the whole table (every run reused), compare.png and
 #   routing accuracy against the labels.
-# Finished runs are reused (compare_run.json), so an interrupted script continues where it stopped.
+# Finished runs are reused (compare_run.json) and an interrupted training resumes from its newest checkpoint (saved
+# every 10 steps here; neither option is part of a run's keys), so an interrupted script continues where it stopped,
+# losing at most 10 steps of each training in flight.
 #   OUT=runs/mova-compare experiments/mova_comparison.sh
 #   SMOKE=1 experiments/mova_comparison.sh     # 1+1 steps, a few questions: the plumbing only (from a scratch folder:
 #                                              # the routed presets read runs/mova-routing relative to the cwd)
@@ -19,11 +21,11 @@ LABELS=${LABELS:-$OUT/routing-labels}
 VLWEAVE=${VLWEAVE:-vlweave}
 PY=${PY:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-SETS=()
+SETS=(--set train.save_every=10 --set train.keep_checkpoints=2)
 LIMIT=()
 QLIMIT=50
 if [ "${SMOKE:-0}" = 1 ]; then
-  SETS=(--set train.stages.0.max_steps=1 --set train.stages.1.max_steps=1 --set train.stages.0.batch_size=2
+  SETS+=(--set train.stages.0.max_steps=1 --set train.stages.1.max_steps=1 --set train.stages.0.batch_size=2
         --set train.stages.1.batch_size=2 --set eval.limit=1 --set eval.batch_size=9)
   LIMIT=(--limit 8)
   QLIMIT=1

@@ -7,8 +7,9 @@ import json
 import statistics
 
 import pytest
+import torch
 
-from helpers import isolated_env, make_run
+from helpers import align_stage, finetune_stage, isolated_env, make_run
 from vlweave import cli
 
 
@@ -114,3 +115,66 @@ def test_compare_bad_config_fails_before_training(tmp_path, capsys):
     assert cli.main(["compare", "demo", "no-such-config", "--output", str(tmp_path / "x")]) == 2
     assert "no config file or preset named 'no-such-config'" in capsys.readouterr().err
     assert not (tmp_path / "x" / "compare.json").exists()
+
+
+def test_compare_resumes_an_interrupted_training_exactly(tmp_path, capsys, monkeypatch):
+    """A training killed mid-run continues from its newest checkpoint on the next ``compare`` and ends with the
+    weights and answers of an uninterrupted run; ``save_every`` is not part of the run's keys; checkpoints written
+    with other training settings are deleted, not resumed from."""
+    from safetensors.torch import load_file
+
+    from vlweave.compare import compare
+    from vlweave.train.trainer import Trainer
+
+    cfg = make_run(tmp_path, vision="clip", connector="mlp2x_gelu", stages=[align_stage(), finetune_stage()])
+    cfg.vision.config_overrides["num_hidden_layers"] = 4
+    path = tmp_path / "a.yaml"
+    cfg.save(path)
+    saving = ["train.save_every=2"]
+    real_check = Trainer._check_speed
+
+    def killed_at_step_7(self, stage, index):  # (4 + 4 steps): after finetune's checkpoint at its step 2
+        real_check(self, stage, index)
+        if len(self.metrics) == 7:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_check_speed", killed_at_step_7)
+    out = tmp_path / "cmp"
+    with pytest.raises(KeyboardInterrupt):
+        compare([str(path)], [0], out, saving, progress=False)
+    run = out / "a-seed0"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "ckpt-s0-000002", "ckpt-s0-000004", "ckpt-s1-000002"]
+    assert not (run / "compare_run.json").exists()
+    monkeypatch.setattr(Trainer, "_check_speed", real_check)
+    capsys.readouterr()
+    resumed = compare([str(path)], [0], out, saving, progress=False)["runs"][str(path)]["0"]
+    assert "resuming the interrupted training" in capsys.readouterr().err
+    # the uninterrupted run, without save_every, in another folder: the same steps, losses, weights, answers
+    whole = compare([str(path)], [0], tmp_path / "whole", progress=False)["runs"][str(path)]["0"]
+
+    def log(d):
+        return [(s["stage_index"], s["step"], s["loss"])
+                for s in json.loads((d / "train_metrics.json").read_text())["log"]]
+
+    assert log(run) == log(tmp_path / "whole" / "a-seed0")
+    assert [s[:2] for s in log(run)] == [(0, i) for i in range(1, 5)] + [(1, i) for i in range(1, 5)]
+    a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (run, tmp_path / "whole" / "a-seed0"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["accuracy"] == whole["accuracy"] and resumed["groups"] == whole["groups"]
+
+    def answers(d):
+        return [json.loads(line)["prediction"] for line in (d / "predictions.jsonl").read_text().splitlines()]
+
+    assert answers(run) == answers(tmp_path / "whole" / "a-seed0")
+    # save_every left the keys alone: the finished run is reused with or without it
+    capsys.readouterr()
+    compare([str(path)], [0], out, progress=False)
+    assert "finished run reused" in capsys.readouterr().err
+    # an interrupted run with other settings is not resumed from: its checkpoints go, the run trains from step 1
+    (run / "compare_run.json").unlink()
+    compare([str(path)], [0], out, saving + ["train.stages.1.lr=1e-2"], progress=False)
+    err = capsys.readouterr().err
+    assert "resuming" not in err and "deleting" in err and "other training settings" in err
+    assert [s[:2] for s in log(run)] == [(0, i) for i in range(1, 5)] + [(1, i) for i in range(1, 5)]
+    assert log(run)[-1] != log(tmp_path / "whole" / "a-seed0")[-1]  # (the other lr trained)

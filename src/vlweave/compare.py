@@ -16,12 +16,20 @@ A trained model is reused too: a (config, seed) whose training settings (everyth
 folder) equal those of a finished run in the same output folder is only evaluated, on that run's saved
 ``final/`` model, with its own ``eval`` block.  So an arm that differs only in how it is evaluated (MoVA's
 random routing beside the routed arm) costs an evaluation, not a training run.
+
+An interrupted training is resumed: a run folder records the training settings it started with
+(``compare_train.json``), and a later ``compare`` whose settings are the same continues exactly from the newest
+checkpoint there (the trainer's stage-end ones, and every ``train.save_every`` steps: an option, like
+``train.keep_checkpoints``, that leaves both keys unchanged, so it can be set for a long comparison without
+invalidating finished runs).  Checkpoints written with other settings are deleted before training starts, with
+a log line: a compare run folder is the comparison's own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -72,8 +80,10 @@ def compare(configs: list[str], seeds: list[int], out_dir: str | Path, overrides
                 _write_record(run_dir, key, tkey, r)
                 console.print(f"  accuracy {r['accuracy']:.3f}")
             else:
-                console.print(f"[bold]compare[/bold] {name} seed {seed}")
-                run = train_and_evaluate(cfg, questions, run_dir, progress, template_fn=template_fn)
+                resume = prepare_training(run_dir, tkey)
+                console.print(f"[bold]compare[/bold] {name} seed {seed}"
+                              + (f": resuming the interrupted training in {run_dir}" if resume else ""))
+                run = train_and_evaluate(cfg, questions, run_dir, progress, template_fn=template_fn, resume=resume)
                 r = {"accuracy": run.accuracy, "groups": run.groups,
                      "train_seconds": run.setup_seconds + run.train_seconds, "eval_seconds": run.eval_seconds,
                      "visual_tokens": run.visual_tokens, "baselines": run.baselines,
@@ -90,10 +100,24 @@ def compare(configs: list[str], seeds: list[int], out_dir: str | Path, overrides
     return results
 
 
+# How often a run saves and how many checkpoints it keeps change neither its weights nor its numbers (resume is
+# exact): left out of both keys.
+NOT_IN_KEYS = ("save_every", "keep_checkpoints", "log_every")
+TRAIN_RECORD = "compare_train.json"  # the training settings a run folder's checkpoints were written with
+
+
+def _key_values(cfg: RunConfig) -> dict[str, Any]:
+    values = explicit_values(cfg)
+    for k in NOT_IN_KEYS:
+        values.get("train", {}).pop(k, None)
+    return values
+
+
 def run_key(cfg: RunConfig, questions: list | None) -> str:
     """What a run's numbers depend on: its resolved config (seed included; fields at their defaults left out, so
-    a newly added option does not invalidate finished runs) and the evaluation questions."""
-    text = json.dumps(explicit_values(cfg), sort_keys=True, default=str)
+    a newly added option does not invalidate finished runs; :data:`NOT_IN_KEYS` left out) and the evaluation
+    questions."""
+    text = json.dumps(_key_values(cfg), sort_keys=True, default=str)
     ids = [q.question_id for q in questions] if questions is not None else "embedded benchmark"
     return hashlib.sha256((text + json.dumps(ids)).encode()).hexdigest()
 
@@ -101,10 +125,39 @@ def run_key(cfg: RunConfig, questions: list | None) -> str:
 def train_key(cfg: RunConfig) -> str:
     """What a run's trained weights depend on: :func:`run_key`'s config without the ``eval`` block and the output
     folder (the seed stays)."""
-    values = explicit_values(cfg)
+    values = _key_values(cfg)
     values.pop("eval", None)
     values.get("train", {}).pop("output_dir", None)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def prepare_training(run_dir: Path, tkey: str) -> bool:
+    """Before training into ``run_dir``: True when it holds a complete checkpoint of an interrupted training with
+    the training settings ``tkey`` (resume from it); otherwise checkpoints written with other or unknown settings,
+    or none complete, are deleted (a new run must not resume from them) and ``tkey`` is recorded for the next
+    call."""
+    from vlweave.train.checkpoints import ResumeError, latest_checkpoint
+
+    record = run_dir / TRAIN_RECORD
+    try:
+        started = json.loads(record.read_text()).get("train_key")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        started = None
+    ckpt_dir = run_dir / "checkpoints"
+    if started == tkey and ckpt_dir.is_dir():
+        try:
+            latest_checkpoint(run_dir)  # (puts back what a crash mid-save left aside)
+            return True
+        except (FileNotFoundError, ResumeError) as exc:
+            why = f"nothing complete to resume from ({exc})"
+    else:
+        why = "other training settings" if started else "unknown training settings"
+    if ckpt_dir.exists():
+        console.print(f"[bold]compare[/bold] deleting {ckpt_dir}: {why}")
+        shutil.rmtree(ckpt_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"train_key": tkey}))
+    return False
 
 
 def _write_record(run_dir: Path, key: str, tkey: str, result: dict[str, Any]) -> None:

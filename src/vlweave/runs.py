@@ -95,15 +95,17 @@ def evaluate_trained(trainer: Trainer, cfg: RunConfig, questions: list[Question]
 
 def train_and_evaluate(cfg: RunConfig, questions: list[Question] | None, run_dir: str | Path, progress: bool,
                        group_by: str | None = None, train: list[Question] | None = None,
-                       template_fn=None) -> RunResult:
+                       template_fn=None, resume: bool = False) -> RunResult:
     """Train ``cfg`` into ``run_dir`` and evaluate it: on ``questions`` (exact match, grouped by ``group_by``,
     default :func:`group_key`), or, with ``questions=None``, on the embedded multi-domain benchmark with its exact
-    scorers (groups = ``domain/format`` and ``all/format``).  Predictions and metrics are saved in ``run_dir``."""
+    scorers (groups = ``domain/format`` and ``all/format``).  Predictions and metrics are saved in ``run_dir``.
+    ``resume``: continue exactly from the newest checkpoint in ``run_dir`` (the caller vouches that it was written
+    with ``cfg``'s training settings)."""
     cfg.train.output_dir = str(run_dir)
     t0 = time.time()
     trainer = Trainer(cfg, progress=progress)
     t1 = time.time()
-    trainer.train()
+    trainer.train(resume=run_dir if resume else None)
     t2 = time.time()
     accuracy, groups, report, blind = evaluate_trained(trainer, cfg, questions, run_dir, progress, group_by,
                                                        train=train, template_fn=template_fn)
