@@ -25,11 +25,11 @@ LEG=${LEG:-synthetic}
 case "$LEG" in
   synthetic)  # the routed presets read runs/mova-routing/{routed,routing_instructions}.json
     SINGLE=mova-compare-single CONCAT=mova-synthetic-concat ALL=mova-compare-all ROUTED=mova-compare-routed
-    RANDOM=mova-compare-random ROUTING=runs/mova-routing TRAIN_DATA=synthetic:train.json
+    RANDOM_ARM=mova-compare-random ROUTING=runs/mova-routing TRAIN_DATA=synthetic:train.json
     OUT=${OUT:-runs/mova-compare} ;;
   easy-vqa)   # ... runs/mova-routing-easyvqa/
     SINGLE=mova-easyvqa-single CONCAT=mova-easyvqa-concat ALL=mova-easyvqa-all ROUTED=mova-easyvqa-routed
-    RANDOM=mova-easyvqa-random ROUTING=runs/mova-routing-easyvqa TRAIN_DATA=easy-vqa:train_single.json
+    RANDOM_ARM=mova-easyvqa-random ROUTING=runs/mova-routing-easyvqa TRAIN_DATA=easy-vqa:train_single.json
     OUT=${OUT:-runs/mova-compare-easyvqa} ;;
   *) echo "LEG must be synthetic or easy-vqa, not '$LEG'" >&2; exit 2 ;;
 esac
@@ -65,7 +65,7 @@ routing_data() {
 }
 table() {
   log "the table (every run reused)"
-  $VLWEAVE compare "$SINGLE" "$CONCAT" "$ROUTED" "$ALL" "$RANDOM" --seeds 3 --output "$OUT" "${SETS[@]}"
+  $VLWEAVE compare "$SINGLE" "$CONCAT" "$ROUTED" "$ALL" "$RANDOM_ARM" --seeds 3 --output "$OUT" "${SETS[@]}"
   if [ "$LEG" = synthetic ]; then
     $PY "$HERE/mova_routing_accuracy.py" score --labels "$LABELS/routed.json" --limit "$QLIMIT" \
       --json "$OUT/routing-accuracy.json" "$OUT/$ROUTED"-seed{0,1,2}
@@ -78,8 +78,8 @@ if [ "$WORKERS" = 1 ]; then
     $VLWEAVE compare "$ALL" "$SINGLE" "$CONCAT" --seed-list "$seed" --output "$OUT" "${SETS[@]}" \
       >> "$OUT/worker.log" 2>&1
     if [ "$seed" = 0 ]; then routing_data >> "$OUT/worker.log" 2>&1; fi
-    log "seed $seed: $ROUTED, $RANDOM"
-    $VLWEAVE compare "$ROUTED" "$RANDOM" --seed-list "$seed" --output "$OUT" "${SETS[@]}" >> "$OUT/worker.log" 2>&1
+    log "seed $seed: $ROUTED, $RANDOM_ARM"
+    $VLWEAVE compare "$ROUTED" "$RANDOM_ARM" --seed-list "$seed" --output "$OUT" "${SETS[@]}" >> "$OUT/worker.log" 2>&1
   done
   table
   exit 0
@@ -90,7 +90,7 @@ worker_a() {
   $VLWEAVE compare "$ALL" --seed-list 0 --output "$OUT" "${SETS[@]}"
   routing_data
   for seed in 0 1 2; do
-    $VLWEAVE compare "$ROUTED" "$RANDOM" --seed-list "$seed" --output "$OUT" "${SETS[@]}"
+    $VLWEAVE compare "$ROUTED" "$RANDOM_ARM" --seed-list "$seed" --output "$OUT" "${SETS[@]}"
   done
 }
 worker_b() {
