@@ -488,6 +488,65 @@ def test_mova_presets(name):
         assert cfg.train.stages[1].mix[0].path.endswith("routing_instructions.json")
 
 
+# The comparison's arms per leg (docs/mova.md; experiments/mova_comparison.sh): single, plain fusion, all experts,
+# routed, random.
+COMPARISON_ARMS = {
+    "synthetic": ["mova-compare-single", "mova-synthetic-concat", "mova-compare-all", "mova-compare-routed",
+                  "mova-compare-random"],
+    "easy-vqa": ["mova-easyvqa-single", "mova-easyvqa-concat", "mova-easyvqa-all", "mova-easyvqa-routed",
+                 "mova-easyvqa-random"],
+}
+
+
+def test_mova_comparison_arms_differ_only_where_they_should():
+    """Apples to apples: within a leg every arm has the same base tower, LM, stages (steps, batches, learning
+    rates, tune policies) and questions, and differs only in its connector (single, fusion) and expert towers (none
+    for the single encoder), its records and routing instructions (routed, random) or its routing at evaluation;
+    each easy-vqa arm is its embedded arm with easy-vqa's data and the demo's questions."""
+    from vlweave.config import RunConfig
+    from vlweave.presets import preset_path
+
+    def load(name):
+        return RunConfig.load(preset_path(name)).to_dict()
+
+    def training(d):  # what every arm of a leg shares: no connector, experts, records, routing data, eval routing
+        d = json.loads(json.dumps(d))
+        for stage in d["train"]["stages"]:
+            stage.pop("mix")
+        d["train"].pop("output_dir")
+        d.pop("connector"), d.pop("towers")
+        d["data"].pop("train")
+        d["eval"].pop("routing"), d["eval"].pop("routing_seed")
+        return d
+
+    legs = {leg: [load(n) for n in arms] for leg, arms in COMPARISON_ARMS.items()}
+    for leg, arms in legs.items():
+        single, concat, every, routed, random_ = arms
+        assert all(training(a) == training(single) for a in arms), leg
+        assert single["connector"]["type"] == "mlp2x_gelu" and concat["connector"]["type"] == "tower_concat"
+        assert not single["towers"] and all(a["towers"] == concat["towers"] for a in arms[1:])
+        assert list(concat["towers"]) == ["docs", "scenes"]
+        assert every["connector"] == routed["connector"] == random_["connector"]
+        assert every["connector"]["type"] == "mova"
+        assert single["data"]["train"] == concat["data"]["train"] == every["data"]["train"]
+        assert routed["data"]["train"].endswith("/routed.json") and random_["data"] == routed["data"]
+        assert [s["mix"] for s in routed["train"]["stages"]] == [s["mix"] for s in random_["train"]["stages"]]
+        assert routed["train"]["stages"][1]["mix"][0]["path"].endswith("/routing_instructions.json")
+        assert (every["eval"]["routing"], routed["eval"]["routing"], random_["eval"]["routing"]) == (
+            "all", "model", "random")
+    # each routed leg reads its own routing data
+    assert legs["synthetic"][3]["data"]["train"] == "runs/mova-routing/routed.json"
+    assert legs["easy-vqa"][3]["data"]["train"] == "runs/mova-routing-easyvqa/routed.json"
+    for embedded, easy in zip(legs["synthetic"], legs["easy-vqa"]):
+        a, b = training(embedded), training(easy)
+        assert b["data"]["align"] == "easy-vqa:train_single.json" and b["eval"]["data"] == "easy-vqa:test_qa.jsonl"
+        a.pop("data"), b.pop("data"), a.pop("eval"), b.pop("eval")
+        assert a == b
+        assert embedded["connector"] == easy["connector"]
+    assert legs["easy-vqa"][0]["data"]["train"] == "easy-vqa:train_single.json"
+    assert legs["easy-vqa"][0]["eval"]["limit"] == load("demo")["eval"]["limit"] == 600
+
+
 def test_chat_routes_each_question(tmp_path, monkeypatch):
     from vlweave.serve.chat import ChatSession
 
