@@ -149,7 +149,7 @@ def test_compare_resumes_an_interrupted_training_exactly(tmp_path, capsys, monke
     monkeypatch.setattr(Trainer, "_check_speed", real_check)
     capsys.readouterr()
     resumed = compare([str(path)], [0], out, saving, progress=False)["runs"][str(path)]["0"]
-    assert "resuming the interrupted training" in capsys.readouterr().err
+    assert "resuming the interrupted training" in capsys.readouterr().err and resumed["resumed"]
     # the uninterrupted run, without save_every, in another folder: the same steps, losses, weights, answers
     whole = compare([str(path)], [0], tmp_path / "whole", progress=False)["runs"][str(path)]["0"]
 
@@ -171,10 +171,15 @@ def test_compare_resumes_an_interrupted_training_exactly(tmp_path, capsys, monke
     capsys.readouterr()
     compare([str(path)], [0], out, progress=False)
     assert "finished run reused" in capsys.readouterr().err
-    # an interrupted run with other settings is not resumed from: its checkpoints go, the run trains from step 1
-    (run / "compare_run.json").unlink()
-    compare([str(path)], [0], out, saving + ["train.stages.1.lr=1e-2"], progress=False)
+    # a run with other settings is not resumed from: its checkpoints and numbers go, it trains from step 1
+    monkeypatch.setattr(Trainer, "_check_speed", killed_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        compare([str(path)], [0], out, saving + ["train.stages.1.lr=1e-2"], progress=False)
+    assert not (run / "compare_run.json").exists()  # (its final/ is the old model's until the new one is saved)
+    monkeypatch.setattr(Trainer, "_check_speed", real_check)
+    capsys.readouterr()
+    compare([str(path)], [0], out, saving + ["train.stages.1.lr=5e-3"], progress=False)
     err = capsys.readouterr().err
     assert "resuming" not in err and "deleting" in err and "other training settings" in err
     assert [s[:2] for s in log(run)] == [(0, i) for i in range(1, 5)] + [(1, i) for i in range(1, 5)]
-    assert log(run)[-1] != log(tmp_path / "whole" / "a-seed0")[-1]  # (the other lr trained)
+    assert log(run)[-1] != log(tmp_path / "whole" / "a-seed0")[-1]  # (the third lr trained)

@@ -88,6 +88,8 @@ def compare(configs: list[str], seeds: list[int], out_dir: str | Path, overrides
                      "train_seconds": run.setup_seconds + run.train_seconds, "eval_seconds": run.eval_seconds,
                      "visual_tokens": run.visual_tokens, "baselines": run.baselines,
                      "group_counts": {g: v["n"] for g, v in run.report.get("groups", {}).items()}}
+                if resume:  # train_seconds is then this process's part only
+                    r["resumed"] = True
                 _write_record(run_dir, key, tkey, r)
                 console.print(f"  accuracy {r['accuracy']:.3f} ({r['train_seconds']:.0f}s train)")
             results["runs"][name][str(seed)] = r
@@ -156,6 +158,9 @@ def prepare_training(run_dir: Path, tkey: str) -> bool:
         console.print(f"[bold]compare[/bold] deleting {ckpt_dir}: {why}")
         shutil.rmtree(ckpt_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # The numbers of an earlier training in this folder go too: its final/ is about to be replaced, and another
+    # arm must not be evaluated on the new model as if it were the old one (trained_run).
+    (run_dir / "compare_run.json").unlink(missing_ok=True)
     record.write_text(json.dumps({"train_key": tkey}))
     return False
 
