@@ -106,6 +106,32 @@ def test_combo_save_reload_identical_logits(trained, key):
     assert (lm.get_input_embeddings().weight.data_ptr() == lm.get_output_embeddings().weight.data_ptr()) == tie
 
 
+def test_reloaded_weights_sit_in_aligned_memory(trained):
+    """A checkpoint's tensors come off the file's memory map at 8-byte offsets; vlweave moves them into aligned
+    allocations (vlweave/aligned.py), as in the trained model, so alignment-dependent CPU kernels compute the same
+    bits after a reload; tied weights stay one tensor."""
+    from vlweave.aligned import ALIGNMENT, realign_cpu_tensors
+
+    for key in ("dinov2-llama-chatml", *(k for k in trained if COMBOS[k][4])):
+        final = trained[key].run_dir / "final"
+        for model in (load_checkpoint(final)[0], AutoModelForImageTextToText.from_pretrained(final)):
+            tensors = [*model.parameters(), *model.buffers()]
+            assert tensors and all(t.data_ptr() % ALIGNMENT == 0 for t in tensors if t.numel()), key
+            lm = model.language_model
+            tie = lm.get_input_embeddings().weight is lm.get_output_embeddings().weight
+            assert tie == COMBOS[key][4], key
+    # the helper itself: a misaligned parameter and buffer move (the parameter object stays), aligned ones do not
+    module = nn.Linear(3, 3)
+    module.register_buffer("b", torch.arange(9.0)[1:])  # 4 bytes past an aligned allocation
+    weight = module.weight
+    module.weight.data = torch.arange(10.0)[1:].view(3, 3)
+    assert realign_cpu_tensors(module) == 2
+    assert module.weight is weight and module.weight.data_ptr() % ALIGNMENT == 0
+    assert torch.equal(module.weight.data, torch.arange(1.0, 10.0).view(3, 3))
+    assert torch.equal(module.b, torch.arange(1.0, 9.0)) and module.b.data_ptr() % ALIGNMENT == 0
+    assert realign_cpu_tensors(module) == 0
+
+
 def test_auto_class_loads_vlweave(trained):
     final = trained["dinov2-llama-chatml"].run_dir / "final"
     assert json.loads((final / "config.json").read_text())["model_type"] == "vlweave"

@@ -124,7 +124,11 @@ def check_quantization(cfg: RunConfig, *, cuda: bool | None = None, bnb: bool | 
 def _load_lm(language: LanguageConfig) -> PreTrainedModel:
     path = assets.resolve(language.name)
     if not language.load_in_4bit:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        from vlweave.aligned import realign_cpu_tensors
+
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        realign_cpu_tensors(lm)  # (vlweave/aligned.py: the same kernels as after a reload)
+        return lm
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 

@@ -168,6 +168,16 @@ class VlweavePreTrainedModel(PreTrainedModel):
         # Sub-models initialise themselves; connector layers keep PyTorch's defaults (as LLaVA's projector does).
         pass
 
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """HF's, with the loaded weights moved into aligned memory (:mod:`vlweave.aligned`: a reloaded model
+        computes exactly what the saved one did)."""
+        from vlweave.aligned import realign_cpu_tensors
+
+        out = super().from_pretrained(*args, **kwargs)
+        realign_cpu_tensors(out[0] if isinstance(out, tuple) else out)
+        return out
+
 
 class VlweaveForConditionalGeneration(VlweavePreTrainedModel, GenerationMixin):
     def __init__(
