@@ -6,6 +6,7 @@ All models are tiny random-init ones (``helpers.make_run``); nothing touches the
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -106,7 +107,7 @@ def test_combo_save_reload_identical_logits(trained, key):
     assert (lm.get_input_embeddings().weight.data_ptr() == lm.get_output_embeddings().weight.data_ptr()) == tie
 
 
-def test_reloaded_weights_sit_in_aligned_memory(trained):
+def test_reloaded_weights_sit_in_aligned_memory(trained, tmp_path):
     """A checkpoint's tensors come off the file's memory map at 8-byte offsets; vlweave moves them into aligned
     allocations (vlweave/aligned.py), as in the trained model, so alignment-dependent CPU kernels compute the same
     bits after a reload; tied weights stay one tensor."""
@@ -120,6 +121,17 @@ def test_reloaded_weights_sit_in_aligned_memory(trained):
             lm = model.language_model
             tie = lm.get_input_embeddings().weight is lm.get_output_embeddings().weight
             assert tie == COMBOS[key][4], key
+    # a model built from pretrained folders (the LM and tower loaded off their files) computes from aligned memory
+    trainer = trained["dinov2-llama-chatml"]
+    cfg = copy.deepcopy(trainer.cfg)
+    trainer.model.language_model.save_pretrained(tmp_path / "lm")
+    trainer.model.vision_towers["base"].save_pretrained(tmp_path / "tower")
+    cfg.language.name, cfg.language.random_init = str(tmp_path / "lm"), False
+    cfg.vision.name, cfg.vision.random_init = str(tmp_path / "tower"), False
+    built, _ = build_model(cfg)
+    assert all(t.data_ptr() % ALIGNMENT == 0 for t in [*built.parameters(), *built.buffers()] if t.numel())
+    assert torch.equal(built.language_model.get_input_embeddings().weight,
+                       trainer.model.language_model.get_input_embeddings().weight)
     # the helper itself: a misaligned parameter and buffer move (the parameter object stays), aligned ones do not
     module = nn.Linear(3, 3)
     module.register_buffer("b", torch.arange(9.0)[1:])  # 4 bytes past an aligned allocation

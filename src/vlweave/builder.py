@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from vlweave import assets
+from vlweave.aligned import realign_cpu_tensors
 from vlweave.config import LanguageConfig, RunConfig, VisionConfig
 from vlweave.modeling import VlweaveConfig, VlweaveForConditionalGeneration
 from vlweave.processing import add_image_token
@@ -124,11 +125,7 @@ def check_quantization(cfg: RunConfig, *, cuda: bool | None = None, bnb: bool | 
 def _load_lm(language: LanguageConfig) -> PreTrainedModel:
     path = assets.resolve(language.name)
     if not language.load_in_4bit:
-        from vlweave.aligned import realign_cpu_tensors
-
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        realign_cpu_tensors(lm)  # (vlweave/aligned.py: the same kernels as after a reload)
-        return lm
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
@@ -181,6 +178,8 @@ def build_model(cfg: RunConfig) -> tuple[VlweaveForConditionalGeneration, PreTra
     model = VlweaveForConditionalGeneration(config, vision_tower=tower, language_model=lm, extra_towers=extra)
     model.vision_towers.requires_grad_(False)
     model.connector.load_pretrained()  # pretrained parts the connector owns (MoVA's gate text encoder)
+    # The loaded LM and towers off their files' memory maps: the same kernels as after a reload (vlweave/aligned.py).
+    realign_cpu_tensors(model)
     # Facts the connector read from local files (an encoder's config) go into config.json, so a checkpoint
     # rebuilds without them.
     config.connector_options = {**config.connector_options, **model.connector.resolved_options()}

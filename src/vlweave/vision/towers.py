@@ -22,7 +22,6 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from vlweave import assets
-from vlweave.aligned import realign_cpu_tensors
 
 BASE_TOWER = "base"
 
@@ -140,9 +139,7 @@ def load_vision_model(name: str) -> PreTrainedModel:
     path = assets.resolve(name)
     cfg = vision_sub_config(AutoConfig.from_pretrained(path))
     model_cls = AutoModel._model_mapping[type(cfg)]
-    model = model_cls.from_pretrained(path, config=cfg)
-    realign_cpu_tensors(model)  # (vlweave/aligned.py: the same kernels as after a reload)
-    return model
+    return model_cls.from_pretrained(path, config=cfg)
 
 
 def run_tower(model: nn.Module, pixel_values: torch.Tensor, facts: TowerFacts) -> tuple[torch.Tensor, ...]:
