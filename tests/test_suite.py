@@ -1,6 +1,7 @@
 """The embedded multi-domain benchmark evaluated with the exact scorers: subset selection keeps circular groups
-whole, gold answers score 1.0 everywhere, an always-"yes" model scores exactly the yes/no balance, and compare
-runs on it end to end with a tiny model."""
+whole, gold answers score 1.0 everywhere, an always-"yes" model scores exactly the yes/no balance, the blind
+baselines answer as the training text alone says (golden answers) and are scored by the same scorers, and compare
+runs on it end to end with a tiny model, baselines beside."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import vlweave.eval.suite as suite_mod
 from helpers import isolated_env, make_run
 from vlweave import assets, cli
 from vlweave.builder import build_model
+from vlweave.data.questions import Question
+from vlweave.eval.analysis import train_questions
+from vlweave.eval.benchmarks import registry
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -86,3 +90,67 @@ def test_compare_on_the_embedded_benchmark(tmp_path):
     groups = data["summary"][str(tmp_path / "tiny.yaml")]["groups"]
     assert {"scenes/yesno", "documents/mc", "charts/short", "all/yesno"} <= set(groups)
     assert (out / "compare.png").exists()
+    # The blind baselines come from the run's training data, on the same questions, into the table.
+    suite = suite_mod.load_suite(assets.pull("synthetic"), limit_per_domain=1)
+    blind = suite_mod.suite_baselines(train_questions(cfg.data.train), suite)
+    assert data["baselines"] == {g: pytest.approx(b) for g, b in blind.items()}
+    assert "blind: per template" in (out / "compare.md").read_text()
+
+
+SHORT = "Answer the question using a single word or phrase."
+LETTER = "Answer with the option's letter from the given choices directly."
+
+
+def _q(qid, text, answer=None):
+    return Question(question_id=qid, text=text, answer=answer)
+
+
+def test_blind_answers_golden():
+    train = [_q(1, f"Is there a red circle in the image?\n{SHORT}", "yes"),
+             _q(2, f"Is there a blue square in the image?\n{SHORT}", "yes"),
+             _q(3, f"Is the square blue?\n{SHORT}", "no"),
+             _q(4, f"Is the circle red?\n{SHORT}", "yes"),
+             _q(5, f"What color is the circle?\n{SHORT}", "red"),
+             _q(6, f"What color is the square?\n{SHORT}", "blue"),
+             _q(7, f"What color is the circle?\n{SHORT}", "red"),
+             # the second label named is the answer twice, the first once: "the second one" is learned, not the
+             # most frequent label ("owl")
+             _q(8, f"Which is higher, the ram bar or the emu bar?\n{SHORT}", "emu"),
+             _q(9, f"Which is higher, the emu bar or the owl bar?\n{SHORT}", "owl"),
+             _q(10, f"Which is higher, the owl bar or the ram bar?\n{SHORT}", "owl"),
+             _q(11, f"Which shape is shown?\nA. circle\nB. square\n{LETTER}", "B"),
+             _q(12, f"Which shape is shown?\nA. square\nB. circle\n{LETTER}", "B"),
+             _q(13, f"Which shape is shown?\nA. circle\nB. square\n{LETTER}", "A")]
+    test = [_q("a", f"Is there a blue circle in the image?\n{SHORT}"),
+            _q("b", f"What color is the circle?\n{SHORT}"),
+            _q("c", f"Which is higher, the owl bar or the emu bar?\n{SHORT}"),
+            _q("d", f"Which shape is shown?\nA. square\nB. circle\n{LETTER}"),
+            _q("e", f"How tall is the tower?\n{SHORT}")]  # a template never seen: the instruction's majority
+    guesses = suite_mod.blind_answers(train, test)
+    assert guesses["blind_majority"] == ["yes", "yes", "yes", "B", "yes"]
+    # the template's own answers: "red" for the circle, the second label named, and the second option letter
+    # copied as the question spells it ("B", which the MMBench parser reads; not "b")
+    assert guesses["blind_per_template"] == ["yes", "red", "emu", "B", "yes"]
+
+
+def test_suite_baselines_are_scored_by_the_suite_scorers(folder):
+    train = train_questions(folder / "train.json")
+    suite = suite_mod.load_suite(folder, limit_per_domain=10)
+    blind = suite_mod.suite_baselines(train, suite)
+    for fmt, questions in suite.items():
+        guesses = suite_mod.blind_answers(train, questions)
+        _, bench, headline = suite_mod.FORMATS[fmt]
+        for domain in ("scenes", "documents", "charts"):
+            idx = [i for i, q in enumerate(questions) if q.meta["domain"] == domain]
+            for name in suite_mod.BLIND:
+                result = registry.score_benchmark(bench, [guesses[name][i] for i in idx],
+                                                  [questions[i].as_record() for i in idx])
+                assert blind[f"{domain}/{fmt}"][name] == pytest.approx(suite_mod._get(result["metrics"], headline))
+        # a blind guess cannot follow the rotations of a circular question
+        assert fmt != "mc" or all(blind[f"{d}/mc"][n] == 0.0 for d in ("scenes", "documents", "charts")
+                                  for n in suite_mod.BLIND)
+    for name in suite_mod.BLIND:
+        assert blind["accuracy"][name] == pytest.approx(sum(blind[f"all/{f}"][name] for f in suite_mod.FORMATS) / 3)
+    # the majority of the shared "single word or phrase" instruction is a yes/no word, so it names no short answer
+    assert all(blind[f"{d}/short"]["blind_majority"] == 0.0 for d in ("scenes", "documents", "charts"))
+    assert blind["all/short"]["blind_per_template"] > 0.0  # ...while the templates' own answers do

@@ -61,9 +61,11 @@ def evaluate_trained(trainer: Trainer, cfg: RunConfig, questions: list[Question]
                                                                 dict[str, dict[str, float]]]:
     """Evaluate a trained model as the run config's ``eval`` block says: on ``questions`` (exact match with the
     readable report: groups, blind baselines from ``train`` (default: :func:`training_questions`), confusion,
-    consistency), or, with ``questions=None``, on the embedded multi-domain benchmark.  Writes
+    consistency), or, with ``questions=None``, on the embedded multi-domain benchmark (blind baselines from
+    ``train`` too, scored by its scorers: :func:`vlweave.eval.suite.suite_baselines`).  Writes
     ``predictions.jsonl`` and ``eval_metrics.json`` into ``run_dir``; returns (accuracy, accuracy by group,
     report, blind baselines by group)."""
+    train = training_questions(cfg) if train is None else train
     if questions is None:
         from vlweave import assets
         from vlweave.eval.suite import evaluate_suite
@@ -71,12 +73,11 @@ def evaluate_trained(trainer: Trainer, cfg: RunConfig, questions: list[Question]
         report = evaluate_suite(trainer.model, trainer.tokenizer, assets.pull("synthetic"),
                                 limit_per_domain=cfg.eval.limit, batch_size=cfg.eval.batch_size,
                                 max_new_tokens=cfg.eval.max_new_tokens, out_dir=run_dir, progress=progress,
-                                routing=cfg.eval.routing, routing_seed=cfg.eval.routing_seed)
+                                routing=cfg.eval.routing, routing_seed=cfg.eval.routing_seed, train=train)
         groups = {f"{d}/{f}": v for d, by_f in report["scores"].items() for f, v in by_f.items()}
         groups |= {f"all/{f}": v for f, v in report["overall"].items()}
-        return report["mean"], groups, report, {}
+        return report["mean"], groups, report, report.get("baselines", {})
     key = group_by or group_key(questions)
-    train = training_questions(cfg) if train is None else train
     report = evaluate(trainer.model, trainer.tokenizer, questions, out_dir=run_dir,
                       batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
                       prompt_suffix=cfg.eval.prompt_suffix, group_key=key, progress=progress,

@@ -28,12 +28,14 @@ class TemplateMasker:
             out = pattern.sub("{" + name + "}", out)
         return out
 
-    def words_in(self, text: str) -> list[str]:
-        """The slot words a question mentions, in order of appearance."""
+    def words_in(self, text: str, original_case: bool = False) -> list[str]:
+        """The slot words a question mentions, in order of appearance: lower-cased, or as ``text`` spells them
+        (``original_case``; an option letter "C" stays "C")."""
         low = text.lower()
+        source = text if original_case and len(low) == len(text) else low  # (lower() can change a length)
         found: list[tuple[int, str]] = []
         for _, pattern in self._patterns:
-            found += [(m.start(), m.group(1)) for m in pattern.finditer(low)]
+            found += [(m.start(), source[m.start(1):m.end(1)]) for m in pattern.finditer(low)]
         return [w for _, w in sorted(found)]
 
 
