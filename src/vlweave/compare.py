@@ -299,7 +299,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     groups = ["accuracy"] + sorted({g for s in summary.values() for g in s["groups"]})
     names = list(summary)
     width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(names)) / 2), 4))
+    # Wide enough for every bar, but capped: the embedded benchmark has 18 groups, and a 40-inch chart is unreadable.
+    fig, ax = plt.subplots(figsize=(min(18.0, max(6.0, 0.3 * len(groups) * (len(names) + 1))), 4.5))
     for i, name in enumerate(names):
         s = summary[name]
         stats = [s["accuracy"]] + [s["groups"].get(g, {"mean": 0.0, "std": 0.0}) for g in groups[1:]]
